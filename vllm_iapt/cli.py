@@ -1,0 +1,63 @@
+"""``vllm-iapt`` console script. Flags are generated from the pydantic configs,
+so the CLI and the Python API cannot disagree."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+
+from pydantic import BaseModel, ValidationError
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if not field.is_required():
+            help_text += f" (default: {field.default})"
+        ann = field.annotation
+        if ann is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kwargs: dict = {"dest": name, "default": None, "help": help_text, "required": field.is_required()}
+        args = typing.get_args(ann)
+        if typing.get_origin(ann) is typing.Literal:
+            kwargs["choices"] = list(args)
+        elif list[int] in (ann, *args):
+            kwargs.update(type=int, nargs="+")
+        elif ann in (int, float):
+            kwargs["type"] = ann
+        parser.add_argument(flag, **kwargs)
+
+
+def model_from_args(model: type[BaseModel], ns: argparse.Namespace) -> BaseModel:
+    values = {k: v for k, v in vars(ns).items() if k in model.model_fields and v is not None}
+    return model.model_validate(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vllm_iapt.train.trainer import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="vllm-iapt", description="IAPT adapters for vLLM")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train an IAPT adapter on a JSONL dataset")
+    add_model_flags(p_train, TrainConfig)
+    ns = parser.parse_args(argv)
+
+    if ns.command == "train":
+        try:
+            cfg = model_from_args(TrainConfig, ns)
+        except ValidationError as e:
+            print(f"vllm-iapt train: invalid arguments:\n{e}", file=sys.stderr)
+            return 2
+        from vllm_iapt.train.trainer import train
+
+        metrics = train(cfg)
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

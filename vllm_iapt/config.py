@@ -1,0 +1,95 @@
+"""Pydantic models for everything users write: adapter_config.json and engine options."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vllm_iapt.generator import Activation
+
+TorchDtypeName = Literal["float32", "bfloat16", "float16"]
+
+DEFAULT_NUMERATOR_DEGREE = 5
+DEFAULT_DENOMINATOR_DEGREE = 4
+
+
+class AdapterConfig(BaseModel):
+    """``adapter_config.json`` exactly as in IAPT_SPEC section 6.
+
+    Strict: unknown keys and values of the wrong JSON type are errors, so a file
+    written for another format or method never half-loads.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    peft_type: Literal["IAPT"]
+    format_version: Literal[1]
+    base_model_name_or_path: str | None = None
+    hidden_size: int = Field(ge=1)
+    num_hidden_layers: int = Field(ge=1)
+    num_soft_tokens: int = Field(default=4, ge=1)
+    bottleneck_dim: int = Field(ge=1)
+    layers: list[int] | None = None
+    activation: Activation
+    rational_numerator_degree: int | None = Field(default=None, ge=0)
+    rational_denominator_degree: int | None = Field(default=None, ge=1)
+    torch_dtype: TorchDtypeName
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdapterConfig":
+        if self.layers is not None:
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers has duplicates: {list(self.layers)}")
+            bad = [i for i in self.layers if not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise ValueError(f"layers {bad} are outside 0..{self.num_hidden_layers - 1}")
+            if 0 not in self.layers:
+                raise ValueError("layers must contain 0 (the soft slots' placeholder ids must never reach layer 0)")
+        if self.activation != "rational" and (
+            self.rational_numerator_degree is not None or self.rational_denominator_degree is not None
+        ):
+            raise ValueError(f"rational_*_degree keys are only allowed with activation 'rational', not {self.activation!r}")
+        return self
+
+    @property
+    def generator_layers(self) -> tuple[int, ...]:
+        """Layers with a generator, ascending (default: all)."""
+        return tuple(sorted(self.layers)) if self.layers is not None else tuple(range(self.num_hidden_layers))
+
+    @property
+    def numerator_degree(self) -> int:
+        return DEFAULT_NUMERATOR_DEGREE if self.rational_numerator_degree is None else self.rational_numerator_degree
+
+    @property
+    def denominator_degree(self) -> int:
+        return DEFAULT_DENOMINATOR_DEGREE if self.rational_denominator_degree is None else self.rational_denominator_degree
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor ``adapter_model.safetensors`` must hold, with its shape."""
+        d, r, m = self.hidden_size, self.bottleneck_dim, self.num_soft_tokens
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in self.generator_layers:
+            p = f"layers.{layer}."
+            shapes[p + "down.weight"] = (r, d)
+            shapes[p + "down.bias"] = (r,)
+            shapes[p + "pool.query"] = (m, r)
+            shapes[p + "up.weight"] = (d, r)
+            shapes[p + "up.bias"] = (d,)
+            if self.activation == "rational":
+                shapes[p + "act.numerator"] = (self.numerator_degree + 1,)
+                shapes[p + "act.denominator"] = (self.denominator_degree,)
+        return shapes
+
+    def num_parameters(self) -> int:
+        return sum(_prod(s) for s in self.tensor_shapes().values())
+
+    def to_json_dict(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out

@@ -1,0 +1,1 @@
+"""The vLLM side of vllm-iapt (plugin, layers, adapter manager)."""
