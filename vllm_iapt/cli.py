@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_iapt.train.trainer import train
 
         metrics = train(cfg)
-        print(json.dumps(metrics, indent=2))
+        print(f"adapter written to {cfg.output_dir}; metrics: {json.dumps(metrics)}")
     return 0
 
 

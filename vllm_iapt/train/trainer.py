@@ -9,6 +9,7 @@ rational coefficients, and checkpoints/outputs in the spec's adapter format.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -20,13 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from vllm_iapt.adapter import WEIGHTS_NAME, load_adapter
+from vllm_iapt.adapter import load_adapter
 from vllm_iapt.config import AdapterConfig
 from vllm_iapt.generator import Activation
 from vllm_iapt.reference.model import IAPTForCausalLM
 from vllm_iapt.train.data import ExampleDataset, collate, load_examples
 
 logger = logging.getLogger(__name__)
+
+METRICS_NAME = "train_metrics.json"
 
 
 class TrainConfig(BaseModel):
@@ -168,7 +171,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if has_eval:
         metrics.update(trainer.evaluate())
     model.save_adapter(cfg.output_dir, torch_dtype=cfg.save_dtype)
-    assert (Path(cfg.output_dir) / WEIGHTS_NAME).is_file()
+    (Path(cfg.output_dir) / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
