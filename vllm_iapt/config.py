@@ -93,3 +93,46 @@ def _prod(shape: tuple[int, ...]) -> int:
     for s in shape:
         out *= s
     return out
+
+
+class IAPTEngineConfig(BaseModel):
+    """Engine options: ``additional_config={"iapt": {...}}`` offline, or the
+    ``--iapt-*`` flags of ``vllm serve``. IAPT is enabled when the ``iapt`` key
+    is present (``{}`` takes every default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_adapters: int = Field(
+        8, ge=1,
+        description="adapters whose generator weights stay resident on the device (LRU). A prefill step "
+        "that needs more distinct adapters loads the extra ones for that step only. Decoding needs no "
+        "adapter weights, so this never limits how many adapters decode together.")
+    max_cpu_adapters: int = Field(
+        32, ge=1,
+        description="validated adapters kept in CPU memory (LRU), so a device miss does not read the disk")
+    placeholder_token_id: int = Field(
+        0, ge=0, description="token id written into the soft slots; any id works (layer 0 replaces it)")
+    allow_unchecked_vllm: bool = Field(
+        False, description="start on a vLLM version this plugin was not checked on (at your own risk)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "IAPTEngineConfig":
+        if self.max_cpu_adapters < self.max_adapters:
+            raise ValueError(f"max_cpu_adapters ({self.max_cpu_adapters}) must be >= max_adapters ({self.max_adapters})")
+        return self
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict | None) -> "IAPTEngineConfig | None":
+        """The options if IAPT is enabled, else None. Raises a ValueError that
+        names the bad option."""
+        if not additional_config or "iapt" not in additional_config:
+            return None
+        raw = additional_config["iapt"]
+        if raw is None or raw is True:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"additional_config['iapt'] must be a dict of IAPT options, got {raw!r}")
+        try:
+            return cls.model_validate(raw)
+        except Exception as e:  # pydantic's message names each bad field
+            raise ValueError(f"invalid IAPT options additional_config['iapt']={raw!r}: {e}") from None

@@ -1,0 +1,138 @@
+"""Front-end side of a request: resolve its adapter, add the soft slots, hide them again.
+
+Runs in the API-server / ``LLM`` process. A request whose ``lora_request`` points
+at an IAPT adapter gets ``m`` placeholder ids prepended (the soft slots, spec
+section 2), its identity for prefix caching in ``cache_salt`` and the facts the
+worker needs in ``sampling_params.extra_args["iapt"]`` (the only per-request
+channels that survive vLLM's inter-process encoding). Outputs are stripped back
+to the user's prompt before anybody sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_iapt.adapter import AdapterError, load_adapter
+
+#: Key of our entry in ``SamplingParams.extra_args``.
+EXTRA_ARGS_KEY = "iapt"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the front end keeps of a validated adapter (no weights)."""
+
+    name: str
+    path: str
+    num_soft_tokens: int
+    content_hash: str
+
+
+class AdapterCatalog:
+    """Validated adapter metadata, cached by path and file stamps.
+
+    Every adapter is fully validated (config and every tensor, against the base
+    model) the first time a request names it, so a bad adapter fails that
+    request here, before it can reach the engine. A file that changes on disk is
+    validated again.
+    """
+
+    def __init__(self, hidden_size: int, num_hidden_layers: int, block_size: int, capacity: int = 256) -> None:
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.block_size = block_size
+        self.capacity = capacity
+        self._cache: OrderedDict[tuple, AdapterInfo] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _stamp(path: str) -> tuple:
+        out = [os.path.realpath(path)]
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            try:
+                st = os.stat(os.path.join(path, f))
+                out.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def resolve(self, name: str, path: str) -> AdapterInfo:
+        key = self._stamp(path)
+        with self._lock:
+            info = self._cache.get(key)
+            if info is not None:
+                self._cache.move_to_end(key)
+                return info
+        adapter = load_adapter(path, name=name, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers)
+        m = adapter.num_soft_tokens
+        if m > self.block_size:
+            # Prefix-cache hits are whole blocks; soft slots spanning two blocks
+            # could be half cached, and generators cannot run on half a prompt.
+            raise AdapterError(name, f"num_soft_tokens {m} exceeds the KV cache block size {self.block_size}")
+        info = AdapterInfo(name, path, m, adapter.content_hash)
+        with self._lock:
+            self._cache[key] = info
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return info
+
+
+def prompt_hash(token_ids: list[int]) -> str:
+    return hashlib.sha256(b"".join(t.to_bytes(4, "little", signed=False) for t in token_ids)).hexdigest()
+
+
+def cache_salt(info: AdapterInfo, token_ids: list[int], user_salt: str | None) -> str:
+    """Block 0's extra hash key. vLLM chains block hashes, so this key makes every
+    block of the sequence specific to the adapter's *content* and to the *whole*
+    instruction (spec section 5); the user's own salt is kept inside it."""
+    salt = f"iapt:{info.content_hash}:{prompt_hash(token_ids)}"
+    return salt if user_salt is None else f"{salt}:{user_salt}"
+
+
+def with_soft_slots(
+    info: AdapterInfo, prompt: dict[str, Any], placeholder_id: int, max_model_len: int
+) -> dict[str, Any]:
+    """A copy of a tokenized prompt (vLLM ``TokensInput``) with the soft slots
+    prepended and the prefix-cache salt set."""
+    if prompt.get("type") != "token" or "prompt_token_ids" not in prompt:
+        raise ValueError(f"IAPT adapter {info.name!r} supports token prompts only (text or token ids), "
+                         f"not {prompt.get('type')!r} inputs")
+    ids = list(prompt["prompt_token_ids"])
+    if not ids:
+        raise ValueError(f"IAPT adapter {info.name!r}: the prompt is empty")
+    m = info.num_soft_tokens
+    if len(ids) + m >= max_model_len:
+        raise ValueError(
+            f"prompt of {len(ids)} tokens plus the {m} soft tokens of IAPT adapter {info.name!r} "
+            f"does not fit max_model_len={max_model_len} (need room for at least one generated token)")
+    new = dict(prompt)
+    new["prompt_token_ids"] = [placeholder_id] * m + ids
+    new["cache_salt"] = cache_salt(info, ids, prompt.get("cache_salt"))
+    return new
+
+
+def extra_args(info: AdapterInfo) -> dict[str, Any]:
+    """What the worker needs to find the adapter and the slots."""
+    return {"m": info.num_soft_tokens, "content_hash": info.content_hash, "name": info.name, "path": info.path}
+
+
+def soft_token_count(sampling_params: Any) -> int:
+    """``m`` of a request (0 if it has no IAPT adapter)."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    entry = extra.get(EXTRA_ARGS_KEY)
+    return int(entry["m"]) if entry else 0
+
+
+def strip_prompt_logprobs(prompt_logprobs, m: int):
+    """Prompt logprobs without the soft slots' rows: ``[None] + rows[m + 1:]``."""
+    if not prompt_logprobs:
+        return prompt_logprobs
+    out = type(prompt_logprobs)()
+    out.append(None)
+    out.extend(prompt_logprobs[m + 1 :])
+    return out

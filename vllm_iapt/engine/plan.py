@@ -1,0 +1,90 @@
+"""The per-step IAPT plan: which rows of this step's batch are soft slots and
+instruction rows, grouped by adapter.
+
+Built once per step in the model runner (from the InputBatch, on the CPU, no
+device sync) and read by every IAPT layer in the forward. A step in which no
+IAPT request starts its prefill has no plan, so decode steps do no IAPT work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_iapt.engine.adapter_manager import DeviceAdapter, IAPTAdapterManager
+from vllm_iapt.engine.frontend import EXTRA_ARGS_KEY
+
+
+@dataclass
+class AdapterGroup:
+    """The sequences of one adapter that prefill from row 0 in this step."""
+
+    weights: DeviceAdapter  # per layer
+    soft_rows: torch.Tensor  # (sum m,) rows of the soft slots, sequence-major
+    instruction_rows: torch.Tensor  # (sum n,) rows of the instructions, packed
+    cu_seqlens: torch.Tensor  # (B + 1,) offsets into instruction_rows
+
+
+@dataclass
+class StepPlan:
+    groups: list[AdapterGroup]
+
+
+_current: StepPlan | None = None
+
+
+def current_plan() -> StepPlan | None:
+    return _current
+
+
+def set_current_plan(plan: StepPlan | None) -> None:
+    global _current
+    _current = plan
+
+
+def build_plan(
+    manager: IAPTAdapterManager,
+    req_ids: list[str],
+    lora_ids: np.ndarray,
+    num_computed: np.ndarray,
+    num_prompt_tokens: np.ndarray,
+    num_scheduled: np.ndarray,
+    sampling_params_of,
+    device: torch.device,
+) -> StepPlan | None:
+    """``lora_ids``, ``num_computed``, ``num_prompt_tokens`` and ``num_scheduled``
+    are per request in batch order (the order of the rows); ``num_prompt_tokens``
+    counts the soft slots. ``sampling_params_of(req_id)`` gives a request's params."""
+    starting = np.flatnonzero((lora_ids > 0) & (num_computed == 0))
+    if starting.size == 0:
+        return None
+    row_start = np.cumsum(num_scheduled) - num_scheduled
+    by_adapter: dict[str, tuple[dict, list[np.ndarray], list[np.ndarray], list[int]]] = {}
+    for i in starting.tolist():
+        extra = (sampling_params_of(req_ids[i]).extra_args or {}).get(EXTRA_ARGS_KEY)
+        if extra is None:
+            continue
+        m, prompt_len, start = extra["m"], int(num_prompt_tokens[i]), int(row_start[i])
+        if num_scheduled[i] < prompt_len:
+            raise RuntimeError(
+                f"IAPT request {req_ids[i]} was scheduled with {num_scheduled[i]} of its {prompt_len} prompt "
+                "rows: IAPT prompts must never be prefilled in chunks (is chunked prefill on?)")
+        entry = by_adapter.setdefault(extra["content_hash"], (extra, [], [], []))
+        entry[1].append(np.arange(start, start + m))
+        entry[2].append(np.arange(start + m, start + prompt_len))
+        entry[3].append(prompt_len - m)
+    groups = []
+    for content_hash, (extra, soft, instr, lengths) in by_adapter.items():
+        weights = manager.get(content_hash, extra["name"], extra["path"])
+        cu = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cu[1:])
+        groups.append(AdapterGroup(
+            weights=weights,
+            soft_rows=torch.from_numpy(np.concatenate(soft)).to(device, non_blocking=True),
+            instruction_rows=torch.from_numpy(np.concatenate(instr)).to(device, non_blocking=True),
+            cu_seqlens=torch.from_numpy(cu).to(device, non_blocking=True),
+        ))
+    manager.trim()
+    return StepPlan(groups) if groups else None
