@@ -47,3 +47,46 @@ def adapter_factory(tmp_path_factory, tiny_model_dir):
         return root / name
 
     return make
+
+
+class Reference:
+    """The transformers reference model on the tiny checkpoint, one per adapter."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from vllm_iapt.reference import IAPTForCausalLM
+
+        self._cls = IAPTForCausalLM
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self._models: dict = {}
+
+    def model(self, adapter_path=None):
+        key = str(adapter_path) if adapter_path else None
+        if key not in self._models:
+            self._models[key] = self._cls.from_pretrained(self.base, adapter_path)
+        return self._models[key]
+
+    def generate(self, ids: list[int], adapter_path=None, max_tokens: int = 8):
+        return self.model(adapter_path).generate(ids, max_tokens)
+
+    def prompt_logprobs(self, ids: list[int], adapter_path=None) -> list:
+        """log P(ids[i] | ids[:i]) for i >= 1, with None first (vLLM's layout)."""
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(adapter_path)(torch.tensor([ids]))["logits"][0].float()
+        lp = torch.log_softmax(logits, dim=-1)
+        return [None] + [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir) -> Reference:
+    return Reference(tiny_model_dir)
+
+
+def random_ids(n: int, seed: int, vocab: int = 380) -> list[int]:
+    """A prompt of n token ids starting with BOS (id 1), like the tokenizer's."""
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, vocab) for _ in range(n - 1)]

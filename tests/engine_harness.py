@@ -1,0 +1,87 @@
+"""Runs batches through a real vLLM engine and returns plain data.
+
+Used in-process by the engine tests, and as a script (``python
+tests/engine_harness.py SPEC.json``) for engines that need their own process:
+the default multi-process engine, a tiny KV cache, IAPT disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+
+def make_llm(model: str, **kwargs):
+    from vllm import LLM
+
+    kwargs.setdefault("dtype", "float32")
+    kwargs.setdefault("max_model_len", 512)
+    kwargs.setdefault("seed", 0)
+    return LLM(model=model, **kwargs)
+
+
+def run_batch(llm, items: list[dict[str, Any]], sampling: dict[str, Any]) -> list[dict[str, Any]]:
+    """``items``: dicts with ``ids`` (prompt token ids) or ``text``, and optional
+    ``adapter`` = [name, id, path] and ``cache_salt``."""
+    from vllm import SamplingParams
+
+    from vllm_iapt import IAPTRequest
+
+    prompts = []
+    for it in items:
+        p: dict[str, Any] = {"prompt_token_ids": it["ids"]} if "ids" in it else {"prompt": it["text"]}
+        if it.get("cache_salt"):
+            p["cache_salt"] = it["cache_salt"]
+        prompts.append(p)
+    loras = [IAPTRequest(*it["adapter"]) if it.get("adapter") else None for it in items]
+    outs = llm.generate(prompts, SamplingParams(**sampling), lora_request=loras, use_tqdm=False)
+    return [summarize(o) for o in outs]
+
+
+def summarize(o) -> dict[str, Any]:
+    def lp(pos, tok):
+        return None if pos is None else pos[tok].logprob
+
+    res = {
+        "prompt_token_ids": list(o.prompt_token_ids),
+        "num_cached_tokens": o.num_cached_tokens,
+        "outputs": [
+            {"token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason,
+             "logprobs": [lp(pos, t) for pos, t in zip(c.logprobs, c.token_ids)] if c.logprobs is not None else None}
+            for c in o.outputs
+        ],
+    }
+    if o.prompt_logprobs is not None:
+        res["prompt_logprobs"] = [lp(pos, t) for pos, t in zip(o.prompt_logprobs, o.prompt_token_ids)]
+    return res
+
+
+def counter(llm, name: str) -> float:
+    return sum(getattr(m, "value", 0) or 0 for m in llm.get_metrics() if m.name == name)
+
+
+def main(spec_path: str) -> None:
+    spec = json.load(open(spec_path))
+    os.environ.update(spec.get("env", {}))
+    llm = make_llm(spec["model"], **spec.get("engine", {}))
+    result: dict[str, Any] = {"batches": []}
+    for batch in spec["batches"]:
+        try:
+            result["batches"].append(run_batch(llm, batch["items"], batch["sampling"]))
+        except Exception as e:  # reported, not raised: the next batch shows the engine survived
+            result["batches"].append({"error": f"{type(e).__name__}: {e}"})
+    result["num_preemptions"] = counter(llm, "vllm:num_preemptions")
+    if spec.get("inspect_layers"):
+        from vllm_iapt.engine.plan import current_plan  # noqa: F401  (plugin importable)
+
+        executor = llm.llm_engine.model_executor
+        model = executor.driver_worker.worker.model_runner.model
+        result["layer_types"] = sorted({type(layer).__name__ for layer in model.model.layers})
+        result["model_type"] = type(model).__name__
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,223 @@
+"""The real vLLM engine (in-process) against the reference model, token for token."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import random_ids
+from engine_harness import run_batch
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 10
+GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def adapters(adapter_factory):
+    """Three adapters with different m, activations, bottlenecks and layers."""
+    return {
+        "a": ("a", 1, str(adapter_factory("eng-a", num_soft_tokens=4, bottleneck_dim=16, activation="rational", seed=1))),
+        "b": ("b", 2, str(adapter_factory("eng-b", num_soft_tokens=2, bottleneck_dim=8, activation="gelu", layers=[0], seed=2))),
+        "c": ("c", 3, str(adapter_factory("eng-c", num_soft_tokens=7, bottleneck_dim=32, activation="identity", seed=3))),
+        "d": ("d", 4, str(adapter_factory("eng-d", num_soft_tokens=1, bottleneck_dim=4, activation="silu", seed=4))),
+    }
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from engine_harness import make_llm
+
+    # max_adapters=2 < the 4 adapters used together: a prefill step may need more
+    # adapters than stay resident, and that must still be exact.
+    llm = make_llm(str(tiny_model_dir), additional_config={"iapt": {"max_adapters": 2, "max_cpu_adapters": 3}})
+    yield llm
+    del llm
+
+
+def check_against_reference(reference, items, results, max_tokens=MAX_TOKENS):
+    for it, res in zip(items, results):
+        adapter = it.get("adapter")
+        path = adapter[2] if adapter else None
+        ref = reference.generate(it["ids"], path, max_tokens)
+        got = res["outputs"][0]
+        assert res["prompt_token_ids"] == it["ids"], "the soft slots leaked into prompt_token_ids"
+        assert got["token_ids"] == ref.token_ids, (adapter and adapter[0], len(it["ids"]))
+        for a, b in zip(got["logprobs"], ref.logprobs):
+            assert math.isclose(a, b, abs_tol=2e-3), (a, b)
+
+
+def test_mixed_batch_parity(llm, reference, adapters):
+    lengths = [1, 2, 5, 17, 64, 129, 300]
+    items = []
+    for i, n in enumerate(lengths):
+        for key in [None, "a", "b", "c", "d"]:
+            items.append({"ids": random_ids(n, seed=100 * i + len(items)), "adapter": adapters[key] if key else None})
+    results = run_batch(llm, items, GREEDY)
+    check_against_reference(reference, items, results)
+    # The adapters really change the outputs (otherwise parity proves little).
+    ids = random_ids(20, 7)
+    outs = run_batch(llm, [{"ids": ids}] + [{"ids": ids, "adapter": adapters[k]} for k in "abcd"], GREEDY)
+    assert len({tuple(o["outputs"][0]["token_ids"]) for o in outs}) == 5
+
+
+def test_text_prompts_and_prompt_logprobs(llm, reference, adapters, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "alpha beta gamma 3 1 2"
+    items = [{"text": text, "adapter": adapters["a"]}, {"text": text}]
+    results = run_batch(llm, items, {**GREEDY, "prompt_logprobs": 0})
+    ids = tok(text)["input_ids"]
+    for it, res in zip(items, results):
+        path = it["adapter"][2] if it.get("adapter") else None
+        assert res["prompt_token_ids"] == ids
+        assert len(res["prompt_logprobs"]) == len(ids) and res["prompt_logprobs"][0] is None
+        ref = reference.prompt_logprobs(ids, path)
+        for a, b in zip(res["prompt_logprobs"][1:], ref[1:]):
+            assert math.isclose(a, b, abs_tol=2e-3), (a, b)
+        assert res["outputs"][0]["token_ids"] == reference.generate(ids, path, MAX_TOKENS).token_ids
+
+
+def test_n_greater_than_one_and_seeded_sampling(llm, reference, adapters):
+    ids = random_ids(12, 3)
+    items = [{"ids": ids, "adapter": adapters["a"]}]
+    # vLLM refuses n > 1 with temperature 0; top_k=1 is greedy with n > 1.
+    greedy = run_batch(llm, items, {**GREEDY, "temperature": 1.0, "top_k": 1, "n": 3})[0]
+    ref = reference.generate(ids, adapters["a"][2], MAX_TOKENS).token_ids
+    assert [o["token_ids"] for o in greedy["outputs"]] == [ref] * 3
+    sampled = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "seed": 1234, "n": 2, "ignore_eos": True}
+    first = run_batch(llm, items, sampled)[0]
+    again = run_batch(llm, items, sampled)[0]
+    assert [o["token_ids"] for o in first["outputs"]] == [o["token_ids"] for o in again["outputs"]]
+    other = run_batch(llm, [{"ids": ids, "adapter": adapters["c"]}], sampled)[0]
+    assert [o["token_ids"] for o in other["outputs"]] != [o["token_ids"] for o in first["outputs"]]
+
+
+def test_stop_strings(llm, reference, adapters):
+    ids = random_ids(9, 11)
+    item = {"ids": ids, "adapter": adapters["b"]}
+    plain = run_batch(llm, [item], GREEDY)[0]["outputs"][0]
+    assert plain["token_ids"] == reference.generate(ids, adapters["b"][2], MAX_TOKENS).token_ids
+    text = plain["text"]
+    stop = next(ch for ch in text[2:] if ch.isascii() and ch.isalnum())
+    res = run_batch(llm, [item], {**GREEDY, "stop": [stop]})[0]["outputs"][0]
+    assert res["finish_reason"] == "stop"
+    assert res["text"] == text[: text.index(stop)]
+    assert len(res["token_ids"]) < MAX_TOKENS
+
+
+def test_prefix_cache_hits_only_same_adapter_and_prompt(llm, reference, adapters):
+    long = random_ids(300, 42)
+    a, b = adapters["a"], adapters["b"]
+    first = run_batch(llm, [{"ids": long, "adapter": a}], GREEDY)[0]
+    again = run_batch(llm, [{"ids": long, "adapter": a}], GREEDY)[0]
+    assert again["num_cached_tokens"] > 0, "identical (adapter, prompt) should hit the prefix cache"
+    assert again["outputs"][0]["token_ids"] == first["outputs"][0]["token_ids"]
+
+    # Same prompt, another adapter or the base model: no shared blocks.
+    other = run_batch(llm, [{"ids": long, "adapter": b}, {"ids": long}], GREEDY)
+    assert [o["num_cached_tokens"] for o in other] == [0, 0]
+    # Shared 250-token prefix, different ending, same adapter: no shared blocks.
+    forked = long[:250] + random_ids(51, 5)[1:]
+    fork = run_batch(llm, [{"ids": forked, "adapter": a}], GREEDY)
+    assert fork[0]["num_cached_tokens"] == 0
+    items = [{"ids": long, "adapter": b}, {"ids": long}, {"ids": forked, "adapter": a}]
+    check_against_reference(reference, items, other + fork)
+
+    # The base model still caches as usual.
+    base_again = run_batch(llm, [{"ids": long}], GREEDY)[0]
+    assert base_again["num_cached_tokens"] > 0
+
+
+def test_cache_salt_is_respected(llm, adapters):
+    ids = random_ids(280, 9)
+    a = adapters["d"]
+    run_batch(llm, [{"ids": ids, "adapter": a, "cache_salt": "tenant-1"}], GREEDY)
+    same = run_batch(llm, [{"ids": ids, "adapter": a, "cache_salt": "tenant-1"}], GREEDY)[0]
+    other = run_batch(llm, [{"ids": ids, "adapter": a, "cache_salt": "tenant-2"}], GREEDY)[0]
+    unsalted = run_batch(llm, [{"ids": ids, "adapter": a}], GREEDY)[0]
+    assert same["num_cached_tokens"] > 0
+    assert other["num_cached_tokens"] == 0 and unsalted["num_cached_tokens"] == 0
+    assert same["outputs"][0]["token_ids"] == other["outputs"][0]["token_ids"] == unsalted["outputs"][0]["token_ids"]
+
+
+def test_new_weights_under_the_same_name_never_reuse_old_kv(llm, reference, adapters, adapter_factory, tmp_path):
+    ids = random_ids(290, 21)
+    path = tmp_path / "swap"
+    shutil.copytree(adapters["a"][2], path)
+    req = ("swap", 9, str(path))
+    run_batch(llm, [{"ids": ids, "adapter": req}], GREEDY)
+    shutil.rmtree(path)
+    shutil.copytree(adapters["c"][2], path)  # new content, same name/id/path
+    res = run_batch(llm, [{"ids": ids, "adapter": req}], GREEDY)
+    assert res[0]["num_cached_tokens"] == 0
+    check_against_reference(reference, [{"ids": ids, "adapter": adapters["c"]}], res)
+
+
+@pytest.mark.parametrize("problem", ["missing", "nan", "other-base", "lora"])
+def test_bad_adapter_fails_its_request_only(llm, reference, adapters, adapter_factory, tmp_path, problem):
+    if problem == "missing":
+        bad, match = tmp_path / "nope", "does not exist"
+    elif problem == "nan":
+        from safetensors.torch import load_file, save_file
+
+        bad = tmp_path / "nan"
+        shutil.copytree(adapters["a"][2], bad)
+        t = load_file(bad / "adapter_model.safetensors")
+        t["layers.1.up.weight"][0, 0] = float("nan")
+        save_file(t, bad / "adapter_model.safetensors")
+        match = "non-finite"
+    elif problem == "other-base":
+        bad, match = adapter_factory("eng-other", hidden_size=64), "another base model"
+    else:
+        bad = tmp_path / "lora"
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+        match = "peft_type is 'LORA'"
+
+    engine = llm.llm_engine
+    from vllm import SamplingParams
+
+    from vllm_iapt import IAPTRequest
+
+    good_ids = random_ids(30, 77)
+    params = SamplingParams(**GREEDY)
+    engine.add_request("good-in-flight", {"type": "token", "prompt_token_ids": good_ids}, params,
+                       lora_request=IAPTRequest(*adapters["a"]))
+    engine.step()  # the good request is now running
+    with pytest.raises(ValueError, match=match):
+        engine.add_request("bad", {"type": "token", "prompt_token_ids": random_ids(8, 1)}, params,
+                           lora_request=IAPTRequest("bad", 99, str(bad)))
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    (good,) = finished.values()
+    assert list(good.outputs[0].token_ids) == reference.generate(good_ids, adapters["a"][2], MAX_TOKENS).token_ids
+    # And the engine keeps serving.
+    check_against_reference(reference, [{"ids": good_ids}], run_batch(llm, [{"ids": good_ids}], GREEDY))
+
+
+def test_prompt_too_long_with_soft_slots(llm, adapters):
+    with pytest.raises(ValueError, match="soft tokens of IAPT adapter 'c' does not fit max_model_len=512"):
+        run_batch(llm, [{"ids": random_ids(508, 1), "adapter": adapters["c"]}], GREEDY)
+    # The same prompt fits without the adapter.
+    assert run_batch(llm, [{"ids": random_ids(508, 1)}], {**GREEDY, "max_tokens": 2})[0]["outputs"][0]["token_ids"]
+
+
+def test_chunked_prefill_is_off(llm):
+    sched = llm.llm_engine.vllm_config.scheduler_config
+    assert sched.enable_chunked_prefill is False
+    assert sched.max_num_batched_tokens >= llm.llm_engine.vllm_config.model_config.max_model_len
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
