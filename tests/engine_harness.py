@@ -72,7 +72,8 @@ def main(spec_path: str) -> None:
             result["batches"].append(run_batch(llm, batch["items"], batch["sampling"]))
         except Exception as e:  # reported, not raised: the next batch shows the engine survived
             result["batches"].append({"error": f"{type(e).__name__}: {e}"})
-    result["num_preemptions"] = counter(llm, "vllm:num_preemptions")
+    if spec.get("metrics"):
+        result["num_preemptions"] = counter(llm, "vllm:num_preemptions")
     if spec.get("inspect_layers"):
         from vllm_iapt.engine.plan import current_plan  # noqa: F401  (plugin importable)
 
