@@ -30,7 +30,7 @@ def apply_all() -> None:
     global _applied
     if _applied:
         return
-    from vllm_iapt.patches import engine_args, input_processor, model_runner, output_processor
+    from vllm_iapt.patches import cli_args, engine_args, input_processor, model_runner, output_processor, serving
 
     # engine_args goes first and always: it is what refuses to start IAPT on an
     # unchecked vLLM version, so it must be there even if the others could fail.
@@ -39,6 +39,8 @@ def apply_all() -> None:
         input_processor.apply()
         output_processor.apply()
         model_runner.apply()
+        cli_args.apply()
+        serving.apply()
     except Exception as e:  # an unchecked vLLM whose internals moved
         if vllm_version() in CHECKED_VLLM_VERSIONS:
             raise

@@ -82,6 +82,11 @@ class AdapterCatalog:
         return info
 
 
+class SoftSlotError(ValueError):
+    """A prompt that cannot take an adapter's soft slots: the client's mistake
+    (the OpenAI server answers 400, see ``patches/serving.py``)."""
+
+
 def prompt_hash(token_ids: list[int]) -> str:
     return hashlib.sha256(b"".join(t.to_bytes(4, "little", signed=False) for t in token_ids)).hexdigest()
 
@@ -100,14 +105,14 @@ def with_soft_slots(
     """A copy of a tokenized prompt (vLLM ``TokensInput``) with the soft slots
     prepended and the prefix-cache salt set."""
     if prompt.get("type") != "token" or "prompt_token_ids" not in prompt:
-        raise ValueError(f"IAPT adapter {info.name!r} supports token prompts only (text or token ids), "
-                         f"not {prompt.get('type')!r} inputs")
+        raise SoftSlotError(f"IAPT adapter {info.name!r} supports token prompts only (text or token ids), "
+                            f"not {prompt.get('type')!r} inputs")
     ids = list(prompt["prompt_token_ids"])
     if not ids:
-        raise ValueError(f"IAPT adapter {info.name!r}: the prompt is empty")
+        raise SoftSlotError(f"IAPT adapter {info.name!r}: the prompt is empty")
     m = info.num_soft_tokens
     if len(ids) + m >= max_model_len:
-        raise ValueError(
+        raise SoftSlotError(
             f"prompt of {len(ids)} tokens plus the {m} soft tokens of IAPT adapter {info.name!r} "
             f"does not fit max_model_len={max_model_len} (need room for at least one generated token)")
     new = dict(prompt)

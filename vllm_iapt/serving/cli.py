@@ -1,0 +1,107 @@
+"""The ``--iapt-*`` flags of ``vllm serve`` and how they reach the engine.
+
+The engine options are generated from :class:`vllm_iapt.config.IAPTEngineConfig`
+(names, types, help text and defaults), so the CLI and
+``additional_config={"iapt": {...}}`` cannot drift apart. ``EngineArgs.from_cli_args``
+keeps only its own dataclass fields, so :func:`fold_into_engine_args` moves the
+flags into ``additional_config["iapt"]`` (the documented channel for out-of-tree
+engine options) and ``--iapt-modules`` into the namespace's ``lora_modules``,
+which the OpenAI server registers at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_iapt.config import IAPTEngineConfig
+
+#: Flag names that follow vLLM's ``--max-loras`` / ``--max-cpu-loras`` style;
+#: every other engine option ``foo_bar`` is ``--iapt-foo-bar``.
+_FLAG_NAMES = {"max_adapters": "--max-iapt-adapters", "max_cpu_adapters": "--max-cpu-iapt-adapters"}
+_DEST_PREFIX = "iapt_opt_"
+
+
+def option_flag(field: str) -> str:
+    return _FLAG_NAMES.get(field, "--iapt-" + field.replace("_", "-"))
+
+
+@dataclass
+class ServingOptions:
+    """API-server-only settings (not engine options: the engine never sees them)."""
+
+    adapter_dir: str | None = None
+
+
+#: Set by :func:`fold_into_engine_args`, which runs in every API-server process.
+serving_options = ServingOptions()
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the "IAPT" argument group."""
+    from vllm.engine.arg_utils import optional_type
+    from vllm.entrypoints.launchers.cli_args import LoRAParserAction
+
+    group = parser.add_argument_group(
+        title="IAPT", description="Serve IAPT (Instance-Aware Prompt Tuning) adapters. "
+        "Adapters are selected with the request's `model` field, like LoRA adapters.")
+    group.add_argument("--enable-iapt", action="store_true", default=False,
+                       help="Enable IAPT adapters (the same as --additional-config '{\"iapt\": {}}'). "
+                       "Cannot be combined with --enable-lora.")
+    group.add_argument(
+        "--iapt-modules", type=optional_type(str), default=None, nargs="+", action=LoRAParserAction,
+        help="IAPT adapters to serve, loaded and validated at start-up: `name=path`, or JSON "
+        "'{\"name\": \"sort\", \"path\": \"/adapters/sort\", \"base_model_name\": \"my-model\"}'. "
+        "A bad adapter stops start-up.")
+    group.add_argument(
+        "--iapt-adapter-dir", type=str, default=None,
+        help="Directory for run-time adapters (only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1): "
+        "/v1/load_lora_adapter accepts paths inside it only, and a request for an unknown plain model "
+        "name `x` loads `<dir>/x` if it holds an IAPT adapter. Without it, run-time loading is refused.")
+    for name, field in IAPTEngineConfig.model_fields.items():
+        kwargs: dict[str, Any] = {"dest": _DEST_PREFIX + name, "default": None}
+        if field.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = field.annotation
+            kwargs["metavar"] = name.upper()
+        help_text = (field.description or name).replace("%", "%%")
+        # argparse shows "(default: None)": unset means the engine default below,
+        # or the value given in --additional-config.
+        group.add_argument(option_flag(name), help=f"{help_text}. Same as additional_config['iapt']['{name}']; "
+                           f"engine default {field.default}.", **kwargs)
+
+
+def fold_into_engine_args(args: argparse.Namespace, engine_args: Any) -> None:
+    """Moves the ``--iapt-*`` flags into ``engine_args.additional_config["iapt"]``
+    and ``args.lora_modules``. Raises a ValueError for flags given without IAPT.
+    Idempotent (every API-server process calls it on the same namespace)."""
+    options = {name: getattr(args, _DEST_PREFIX + name, None) for name in IAPTEngineConfig.model_fields}
+    options = {k: v for k, v in options.items() if v is not None}
+    modules = getattr(args, "iapt_modules", None) or []
+    adapter_dir = getattr(args, "iapt_adapter_dir", None)
+    additional = dict(engine_args.additional_config or {})
+    enabled = bool(getattr(args, "enable_iapt", False)) or "iapt" in additional
+    if not enabled:
+        given = [option_flag(k) for k in options] + (["--iapt-modules"] if modules else []) + (
+            ["--iapt-adapter-dir"] if adapter_dir else [])
+        if given:
+            raise ValueError(f"{', '.join(given)} need --enable-iapt")
+        return
+    current = additional.get("iapt")
+    if current is None or current is True:
+        current = {}
+    if not isinstance(current, dict):
+        raise ValueError(f"additional_config['iapt'] must be a dict of IAPT options, got {current!r}")
+    additional["iapt"] = {**current, **options}
+    engine_args.additional_config = additional
+    if adapter_dir is not None:
+        if not os.path.isdir(adapter_dir):
+            raise ValueError(f"--iapt-adapter-dir {adapter_dir!r} is not a directory")
+        serving_options.adapter_dir = os.path.realpath(adapter_dir)
+    if modules:
+        existing = list(args.lora_modules or [])
+        names = {m.name for m in existing}
+        args.lora_modules = existing + [m for m in modules if m.name not in names]
