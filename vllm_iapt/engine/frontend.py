@@ -83,8 +83,9 @@ class AdapterCatalog:
 
 
 class SoftSlotError(ValueError):
-    """A prompt that cannot take an adapter's soft slots: the client's mistake
-    (the OpenAI server answers 400, see ``patches/serving.py``)."""
+    """A request IAPT cannot serve as given (the prompt cannot take the adapter's
+    soft slots, or asks for something IAPT does not support): the client's
+    mistake, so the OpenAI server answers 400 (see ``patches/serving.py``)."""
 
 
 def prompt_hash(token_ids: list[int]) -> str:
