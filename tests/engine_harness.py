@@ -75,8 +75,6 @@ def main(spec_path: str) -> None:
     if spec.get("metrics"):
         result["num_preemptions"] = counter(llm, "vllm:num_preemptions")
     if spec.get("inspect_layers"):
-        from vllm_iapt.engine.plan import current_plan  # noqa: F401  (plugin importable)
-
         executor = llm.llm_engine.model_executor
         model = executor.driver_worker.worker.model_runner.model
         result["layer_types"] = sorted({type(layer).__name__ for layer in model.model.layers})

@@ -6,9 +6,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -221,3 +218,15 @@ def test_chunked_prefill_is_off(llm):
     assert sched.enable_chunked_prefill is False
     assert sched.max_num_batched_tokens >= llm.llm_engine.vllm_config.model_config.max_model_len
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
+
+
+def test_adapter_residency_is_bounded_and_uploads_once(llm, adapters):
+    manager = llm.llm_engine.model_executor.driver_worker.worker.model_runner._iapt_manager
+    ids = random_ids(16, 5)
+    # Four adapters prefill in one step although only two stay resident.
+    run_batch(llm, [{"ids": ids, "adapter": adapters[k]} for k in "abcd"], GREEDY)
+    assert len(manager.resident()) <= 2
+    before = manager.num_uploads
+    run_batch(llm, [{"ids": ids, "adapter": adapters["a"]}], GREEDY)
+    run_batch(llm, [{"ids": random_ids(40, 6), "adapter": adapters["a"]}], GREEDY)
+    assert manager.num_uploads - before <= 1  # resident after its first use

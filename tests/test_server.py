@@ -14,10 +14,8 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +23,7 @@ import pytest
 
 from conftest import random_ids
 from vllm_iapt.config import IAPTEngineConfig
+from vllm_iapt.serving.process import ServerProcess, vllm_serve
 from vllm_iapt.toy import random_adapter
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
@@ -34,26 +33,9 @@ VLLM = str(Path(sys.executable).with_name("vllm"))
 GREEDY = {"temperature": 0.0, "extra_body": {"return_token_ids": True, "ignore_eos": True}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_command(model_dir, port: int, *extra: str) -> list[str]:
-    return [VLLM, "serve", str(model_dir), "--served-model-name", BASE, "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--max-model-len", "512", "--seed", "0", *extra]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stops the server by its own pid: SIGTERM, then SIGKILL if it hangs."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+    return vllm_serve(str(model_dir), "--served-model-name", BASE, "--dtype", "float32", "--max-model-len", "512",
+                      "--seed", "0", *extra, port=port)
 
 
 class Server:
@@ -83,33 +65,17 @@ def server(tiny_model_dir, adapter_factory, tmp_path_factory):
                            ("badsize", 26, {"hidden_size": 64})]:
         random_adapter(adapter_dir / name, **{"hidden_size": 128, "num_hidden_layers": 2, "seed": seed, **kw})
     os.symlink(sort, adapter_dir / "link-out")  # a name inside, files outside
-    port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    cmd = serve_command(
+    cmd = lambda port: serve_command(  # noqa: E731
         tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"sort={sort}",
         json.dumps({"name": "reverse", "path": str(reverse), "base_model_name": BASE}),
         "--max-iapt-adapters", "2", "--max-cpu-iapt-adapters", "4", "--iapt-adapter-dir", str(adapter_dir),
         "--enable-prompt-tokens-details")
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, "server died:\n" + log.read_text(errors="replace")[-5000:]
-            assert time.monotonic() < deadline, "server did not come up:\n" + log.read_text(errors="replace")[-5000:]
-            try:
-                if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with ServerProcess(cmd, log, env) as proc:
         paths = {"sort": str(sort), "reverse": str(reverse), BASE: None, "rt": str(adapter_dir / "sub/rt"),
                  "late": str(adapter_dir / "sub/late"), "found": str(adapter_dir / "found")}
-        yield Server(url, log, paths, adapter_dir)
-    finally:
-        stop(proc)
+        yield Server(proc.url, log, paths, adapter_dir)
 
 
 @pytest.fixture(scope="module")
@@ -387,13 +353,10 @@ def test_concurrent_tenants_with_runtime_load_and_unload(server, reference):
 def test_bad_startup_adapter_stops_the_server(tiny_model_dir, tmp_path):
     bad = tmp_path / "broken-adapter"
     random_adapter(bad, hidden_size=128, num_hidden_layers=3, seed=1)  # the model has 2 layers
-    proc = subprocess.Popen(serve_command(tiny_model_dir, free_port(), "--enable-iapt", "--iapt-modules",
-                                          f"broken={bad}"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    try:
-        _, err = proc.communicate(timeout=600)
-    finally:
-        stop(proc)
-    assert proc.returncode != 0
-    assert "cannot load adapter 'broken'" in err and "num_hidden_layers" in err, err[-3000:]
+    cmd = lambda port: serve_command(tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"broken={bad}")  # noqa: E731
+    with pytest.raises(RuntimeError, match="server exited") as e:
+        with ServerProcess(cmd, tmp_path / "server.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}):
+            pass
+    assert "server exited with 0" not in str(e.value)
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    assert "cannot load adapter 'broken'" in log and "num_hidden_layers" in log, log[-3000:]

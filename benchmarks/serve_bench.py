@@ -1,0 +1,202 @@
+"""IAPT vs multi-LoRA vs the base model, served by vLLM and driven by `vllm bench serve`.
+
+    .venv/bin/python benchmarks/serve_bench.py            # default suite, ~100M model (about 40 minutes on 2 cores)
+    .venv/bin/python benchmarks/serve_bench.py --quick    # a few minutes, small model
+    .venv/bin/python benchmarks/serve_bench.py --size tiny --quick --out /tmp/x   # plumbing only (the test suite)
+
+One run starts each server in turn on the same base model and engine settings:
+the base model (vLLM defaults: compiled, chunked prefill), the base model with the
+settings LoRA forces on CPU (eager) and with the settings IAPT forces (eager, no
+chunked prefill), IAPT with 64 adapters loaded, and multi-LoRA with 64 adapters of a
+parameter-matched rank and of ranks 8 and 16. Every server gets the same random
+prompts (fixed seed) and output lengths; adapter requests are spread round-robin
+over the first N adapters. Results: JSON, a Markdown table of absolute numbers and
+ratios to the base model measured in the same run, and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from vllm_iapt.serving.process import ServerProcess, vllm_serve  # noqa: E402
+from assets import SIZES, build_model, iapt_adapters, iapt_parameters, lora_adapters, lora_parameters, parameter_matched_rank  # noqa: E402
+
+METRICS = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
+           "p99_tpot_ms", "median_itl_ms", "p99_itl_ms")
+
+
+@dataclass(frozen=True)
+class Run:
+    prompt_len: int
+    output_len: int
+    concurrency: int
+    num_adapters: int  # 0 = base-model requests
+    num_prompts: int
+
+
+@dataclass
+class System:
+    name: str
+    serve_args: list[str]
+    adapter_names: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+def plan_runs(quick: bool) -> list[Run]:
+    if quick:
+        return [Run(64, 32, 4, n, 8) for n in (1, 4)]
+    runs = [Run(128, 128, 8, n, 32) for n in (1, 4, 16, 64)]
+    runs += [Run(128, 128, c, 16, 32) for c in (2, 16)]  # concurrency sweep
+    runs += [Run(1024, 128, 8, 16, 16)]
+    return runs
+
+
+def systems(model_dir: Path, work: Path, size, quick: bool, slots: int, bottleneck: int) -> list[System]:
+    n_max = 4 if quick else 64
+    iapt = iapt_adapters(work / "adapters", size, n_max, bottleneck)
+    pm = parameter_matched_rank(size, bottleneck)
+    ranks = [8] if quick else sorted({pm, 8, 16})
+    out = [
+        System("base", [], note="vLLM defaults (compiled, chunked prefill)"),
+        System("base-eager", ["--enforce-eager"], note="what LoRA forces on CPU: eager"),
+        System("base-eager-nochunk", ["--enforce-eager", "--no-enable-chunked-prefill"],
+               note="what IAPT forces: eager, no chunked prefill"),
+        System("iapt", ["--enable-iapt", "--max-iapt-adapters", str(slots), "--iapt-modules",
+                        *[f"{p.name}={p}" for p in iapt]], [p.name for p in iapt],
+               note=f"IAPT m=4 r={bottleneck}, {iapt_parameters(size, bottleneck):,} params/adapter"),
+    ]
+    for r in ranks:
+        loras = lora_adapters(work / "adapters", size, n_max, r)
+        out.append(System(f"lora-r{r}", ["--enable-lora", "--max-loras", str(slots), "--max-lora-rank", str(r),
+                                         "--max-cpu-loras", str(n_max), "--lora-modules", *[f"{p.name}={p}" for p in loras]],
+                          [p.name for p in loras],
+                          note=f"rank {r}{' (parameter-matched)' if r == pm else ''}, "
+                          f"{lora_parameters(size, r):,} params/adapter"))
+    return out
+
+
+class QueueSampler(threading.Thread):
+    """Polls /metrics for running/waiting request counts while a run goes on."""
+
+    def __init__(self, server: ServerProcess, period: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.server, self.period = server, period
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.wait(self.period):
+            try:
+                text = self.server.metrics()
+            except OSError:
+                continue
+            vals = {k: sum(float(v) for v in re.findall(rf"^vllm:num_requests_{k}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M))
+                    for k in ("running", "waiting")}
+            self.samples.append((time.monotonic() - t0, vals["running"], vals["waiting"]))
+
+    def stop(self) -> list[tuple[float, float, float]]:
+        self._stop.set()
+        self.join()
+        return self.samples
+
+
+def bench(server: ServerProcess, model_dir: Path, system: System, run: Run, out_dir: Path, seed: int) -> dict:
+    name = f"{system.name}-p{run.prompt_len}-c{run.concurrency}-n{run.num_adapters}.json"
+    cmd = [str(Path(sys.executable).with_name("vllm")), "bench", "serve", "--backend", "vllm",
+           "--base-url", server.url, "--model", str(model_dir), "--tokenizer", str(model_dir),
+           "--dataset-name", "random", "--random-input-len", str(run.prompt_len),
+           "--random-output-len", str(run.output_len), "--random-range-ratio", "0", "--ignore-eos",
+           "--num-prompts", str(run.num_prompts), "--max-concurrency", str(run.concurrency), "--seed", str(seed),
+           "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
+           "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+    if run.num_adapters:
+        cmd += ["--lora-modules", *system.adapter_names[: run.num_adapters], "--lora-assignment", "round-robin"]
+    sampler = QueueSampler(server)
+    sampler.start()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    timeline = sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed for {name}:\n{proc.stderr[-3000:]}")
+    data = json.loads((out_dir / name).read_text())
+    return {"system": system.name, **asdict(run), **{k: data.get(k) for k in METRICS},
+            "completed": data.get("completed"), "command": " ".join(cmd), "queue": timeline,
+            "max_running": max((s[1] for s in timeline), default=0.0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few minutes: small grid, few prompts")
+    ap.add_argument("--size", choices=sorted(SIZES), default=None, help="model size (default: 'default'; --quick: 'tiny')")
+    ap.add_argument("--work-dir", default=str(HERE / "work"), help="model and adapters (rebuilt only if missing)")
+    ap.add_argument("--out", default=str(HERE / "results"), help="where results go")
+    ap.add_argument("--slots", type=int, default=8, help="device adapter slots: --max-loras and --max-iapt-adapters")
+    ap.add_argument("--bottleneck", type=int, default=64, help="IAPT bottleneck r")
+    ap.add_argument("--systems", nargs="*", help="only these systems (names as in the results)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    size_name = args.size or ("tiny" if args.quick else "default")
+    size = SIZES[size_name]
+    work, out = Path(args.work_dir) / size_name, Path(args.out)
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model(work / "model", size)
+    runs = plan_runs(args.quick)
+    chosen = [s for s in systems(model_dir, work, size, args.quick, args.slots, args.bottleneck)
+              if not args.systems or s.name in args.systems]
+    common = ["--dtype", "float32", "--max-model-len", "2048", "--max-num-batched-tokens", "2048", "--seed", "0",
+              "--served-model-name", str(model_dir)]
+    base_runs = list(dict.fromkeys(Run(r.prompt_len, r.output_len, r.concurrency, 0, r.num_prompts) for r in runs))
+    jobs = [(s, r) for s in chosen for r in (runs if s.adapter_names else base_runs)]
+    results = []
+    bar = tqdm(total=len(jobs), desc="benchmark runs")
+    for system in chosen:
+        mine = [r for s, r in jobs if s is system]
+        bar.set_postfix(system=system.name, refresh=True)
+        env = {"VLLM_CPU_KVCACHE_SPACE": "4"}
+        cmd = lambda port: vllm_serve(str(model_dir), *common, *system.serve_args, port=port)  # noqa: E731
+        with ServerProcess(cmd, out / "logs" / f"{system.name}.log", env) as srv:
+            for run in mine:
+                bar.set_postfix(system=system.name, run=f"p{run.prompt_len} c{run.concurrency} n{run.num_adapters}")
+                res = bench(srv, model_dir, system, run, raw, args.seed)
+                res["note"] = system.note
+                res["serve_command"] = " ".join(srv.cmd)
+                results.append(res)
+                bar.update()
+    bar.close()
+    meta = {"model": size_name, "parameters": size.num_parameters(), "machine": platform.machine(),
+            "processor": platform.processor(), "python": platform.python_version(), "cores": _cores(),
+            "versions": _versions(), "command": " ".join(sys.argv), "slots": args.slots, "bottleneck": args.bottleneck}
+    from report import write_report
+
+    write_report(results, meta, out)
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("vllm", "torch", "transformers", "vllm-iapt")}
+
+
+if __name__ == "__main__":
+    main()
