@@ -75,14 +75,15 @@ def systems(model_dir: Path, work: Path, size, quick: bool, slots: int, bottlene
         System("base-eager", ["--enforce-eager"], note="what LoRA forces on CPU: eager"),
         System("base-eager-nochunk", ["--enforce-eager", "--no-enable-chunked-prefill"],
                note="what IAPT forces: eager, no chunked prefill"),
-        System("iapt", ["--enable-iapt", "--max-iapt-adapters", str(slots), "--iapt-modules",
+        System("iapt", ["--enable-iapt", "--max-iapt-adapters", str(slots),
+                        "--max-cpu-iapt-adapters", str(max(n_max, slots)), "--iapt-modules",
                         *[f"{p.name}={p}" for p in iapt]], [p.name for p in iapt],
                note=f"IAPT m=4 r={bottleneck}, {iapt_parameters(size, bottleneck):,} params/adapter"),
     ]
     for r in ranks:
         loras = lora_adapters(work / "adapters", size, n_max, r)
         out.append(System(f"lora-r{r}", ["--enable-lora", "--max-loras", str(slots), "--max-lora-rank", str(r),
-                                         "--max-cpu-loras", str(n_max), "--lora-modules", *[f"{p.name}={p}" for p in loras]],
+                                         "--max-cpu-loras", str(max(n_max, slots)), "--lora-modules", *[f"{p.name}={p}" for p in loras]],
                           [p.name for p in loras],
                           note=f"rank {r}{' (parameter-matched)' if r == pm else ''}, "
                           f"{lora_parameters(size, r):,} params/adapter"))
@@ -96,11 +97,11 @@ class QueueSampler(threading.Thread):
         super().__init__(daemon=True)
         self.server, self.period = server, period
         self.samples: list[tuple[float, float, float]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         t0 = time.monotonic()
-        while not self._stop.wait(self.period):
+        while not self._halt.wait(self.period):
             try:
                 text = self.server.metrics()
             except OSError:
@@ -110,7 +111,7 @@ class QueueSampler(threading.Thread):
             self.samples.append((time.monotonic() - t0, vals["running"], vals["waiting"]))
 
     def stop(self) -> list[tuple[float, float, float]]:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return self.samples
 
