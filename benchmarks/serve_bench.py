@@ -116,13 +116,22 @@ class QueueSampler(threading.Thread):
         return self.samples
 
 
-def bench(server: ServerProcess, model_dir: Path, system: System, run: Run, out_dir: Path, seed: int) -> dict:
-    name = f"{system.name}-p{run.prompt_len}-c{run.concurrency}-n{run.num_adapters}.json"
+def run_seed(base_seed: int, run: Run) -> int:
+    """Each run gets its own prompts (so no run hits the prefix cache filled by an
+    earlier one on the same server), and every system gets the same prompts for
+    the same run."""
+    return base_seed + 7919 * run.prompt_len + 104729 * run.concurrency + 1299709 * run.num_adapters
+
+
+def bench(server: ServerProcess, model_dir: Path, system: System, run: Run, out_dir: Path, seed: int,
+          name: str | None = None) -> dict:
+    name = name or f"{system.name}-p{run.prompt_len}-c{run.concurrency}-n{run.num_adapters}.json"
     cmd = [str(Path(sys.executable).with_name("vllm")), "bench", "serve", "--backend", "vllm",
            "--base-url", server.url, "--model", str(model_dir), "--tokenizer", str(model_dir),
            "--dataset-name", "random", "--random-input-len", str(run.prompt_len),
            "--random-output-len", str(run.output_len), "--random-range-ratio", "0", "--ignore-eos",
-           "--num-prompts", str(run.num_prompts), "--max-concurrency", str(run.concurrency), "--seed", str(seed),
+           "--num-prompts", str(run.num_prompts), "--max-concurrency", str(run.concurrency),
+           "--seed", str(run_seed(seed, run)),
            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
            "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
     if run.num_adapters:
@@ -171,6 +180,9 @@ def main() -> None:
         env = {"VLLM_CPU_KVCACHE_SPACE": "4"}
         cmd = lambda port: vllm_serve(str(model_dir), *common, *system.serve_args, port=port)  # noqa: E731
         with ServerProcess(cmd, out / "logs" / f"{system.name}.log", env) as srv:
+            # Warm-up (compilation, allocator, first adapter loads), not measured.
+            warm = Run(mine[0].prompt_len, 16, mine[0].concurrency, mine[0].num_adapters, mine[0].concurrency)
+            bench(srv, model_dir, system, warm, raw, args.seed + 1, name=f"{system.name}-warmup.json")
             for run in mine:
                 bar.set_postfix(system=system.name, run=f"p{run.prompt_len} c{run.concurrency} n{run.num_adapters}")
                 res = bench(srv, model_dir, system, run, raw, args.seed)
