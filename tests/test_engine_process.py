@@ -126,3 +126,39 @@ def test_unchecked_vllm_version_is_refused(tiny_model_dir, monkeypatch):
     from vllm_iapt.config import IAPTEngineConfig
 
     engine_args.check_engine_args(EngineArgs(model=str(tiny_model_dir)), IAPTEngineConfig(allow_unchecked_vllm=True))
+
+
+def test_mistral_architecture(tmp_path, tiny_model_dir, adapter_factory):
+    """MistralForCausalLM checkpoints get the IAPT layers too, with the same parity."""
+    import shutil
+
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from vllm_iapt.reference import IAPTForCausalLM
+
+    model_dir = tmp_path / "tiny-mistral"
+    model_dir.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, model_dir / f.name)
+    llama_cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=llama_cfg["vocab_size"], hidden_size=128, intermediate_size=256,
+                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                        initializer_range=0.1, sliding_window=None, bos_token_id=1, eos_token_id=2)
+    base = MistralForCausalLM(cfg).eval()
+    base.save_pretrained(model_dir)
+    adapter = ["m", 1, str(adapter_factory("mistral-a", num_soft_tokens=3, seed=31))]
+    items = [{"ids": random_ids(n, n + 5), "adapter": ad} for n in (4, 70) for ad in (None, adapter)]
+    result = run_engine(tmp_path, {
+        "model": str(model_dir),
+        "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        "engine": {"additional_config": {"iapt": {}}},
+        "inspect_layers": True,
+        "batches": [{"items": items, "sampling": {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}}],
+    })
+    assert result["model_type"] == "IAPTMistralForCausalLM" and result["layer_types"] == ["IAPTMistralDecoderLayer"]
+    for it, res in zip(items, result["batches"][0]):
+        ref = IAPTForCausalLM.from_pretrained(base, it["adapter"][2] if it["adapter"] else None)
+        assert res["outputs"][0]["token_ids"] == ref.generate(it["ids"], 8).token_ids
