@@ -132,18 +132,24 @@ def generate_padded(w: GeneratorWeights, x: torch.Tensor, mask: torch.Tensor) ->
     return _project_out(w, pooled)
 
 
-def generate_packed(w: GeneratorWeights, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def generate_packed(
+    w: GeneratorWeights, x: torch.Tensor, cu_seqlens: torch.Tensor, segment_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Soft rows for packed sequences.
 
     ``x``: ``(T, d)``, the instruction rows of ``B`` sequences back to back;
     ``cu_seqlens``: ``(B + 1,)`` int offsets, ``cu_seqlens[0] == 0``, each segment
     non-empty. Returns ``S``: ``(B, m, d)`` in float32. No Python loop over
     sequences: the segment softmax uses scatter reductions, so the cost is
-    proportional to ``T`` whatever the number of sequences.
+    proportional to ``T`` whatever the number of sequences. ``segment_ids`` (each
+    row's sequence index, derivable from ``cu_seqlens``) may be passed by callers
+    that run many layers over the same batch, so it is computed once per step.
     """
     num_seqs = cu_seqlens.numel() - 1
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    seg = torch.repeat_interleave(torch.arange(num_seqs, device=x.device), lengths, output_size=x.shape[0])
+    seg = segment_ids
+    if seg is None:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        seg = torch.repeat_interleave(torch.arange(num_seqs, device=x.device), lengths, output_size=x.shape[0])
     z, u = _project_in(w, x)  # (T, r), (T, m)
     m = u.shape[1]
     seg_m = seg.unsqueeze(1).expand(-1, m)

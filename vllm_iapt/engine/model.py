@@ -38,7 +38,7 @@ def write_soft_rows(plan: StepPlan, layer: int, hidden_states: torch.Tensor, res
         x = hidden_states.index_select(0, group.instruction_rows)
         if residual is not None:
             x = x + residual.index_select(0, group.instruction_rows)
-        s = generate_packed(weights, x, group.cu_seqlens)
+        s = generate_packed(weights, x, group.cu_seqlens, group.segment_ids)
         hidden_states.index_copy_(0, group.soft_rows, s.flatten(0, 1).to(hidden_states.dtype))
         if residual is not None:
             residual.index_fill_(0, group.soft_rows, 0)

@@ -25,6 +25,7 @@ class AdapterGroup:
     soft_rows: torch.Tensor  # (sum m,) rows of the soft slots, sequence-major
     instruction_rows: torch.Tensor  # (sum n,) rows of the instructions, packed
     cu_seqlens: torch.Tensor  # (B + 1,) offsets into instruction_rows
+    segment_ids: torch.Tensor  # (sum n,) sequence index of each instruction row (same for every layer)
 
 
 @dataclass
@@ -85,6 +86,7 @@ def build_plan(
             soft_rows=torch.from_numpy(np.concatenate(soft)).to(device, non_blocking=True),
             instruction_rows=torch.from_numpy(np.concatenate(instr)).to(device, non_blocking=True),
             cu_seqlens=torch.from_numpy(cu).to(device, non_blocking=True),
+            segment_ids=torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)).to(device, non_blocking=True),
         ))
     manager.trim()
     return StepPlan(groups) if groups else None
