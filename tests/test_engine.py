@@ -221,7 +221,7 @@ def test_chunked_prefill_is_off(llm):
 
 
 def test_adapter_residency_is_bounded_and_uploads_once(llm, adapters):
-    manager = llm.llm_engine.model_executor.driver_worker.worker.model_runner._iapt_manager
+    manager = llm.llm_engine.model_executor.driver_worker.worker.model_runner.iapt.manager
     ids = random_ids(16, 5)
     # Four adapters prefill in one step although only two stay resident.
     run_batch(llm, [{"ids": ids, "adapter": adapters[k]} for k in "abcd"], GREEDY)

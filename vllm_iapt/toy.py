@@ -1,4 +1,5 @@
-"""Small LLaMA checkpoints, tokenizers and random adapters built locally.
+"""Small checkpoints (LLaMA and the other checked families), tokenizers and random
+adapters built locally.
 
 Used by the tests, the bundled demo and the benchmarks: nothing here touches a
 model hub. head_dim defaults to 64 because vLLM's CPU attention supports 32, 64,
@@ -74,6 +75,54 @@ def build_llama(
         tie_word_embeddings=False, torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
+    model.save_pretrained(str(out_dir))
+    return model
+
+
+#: Family name -> (transformers model_type, extra config keys). Random weights,
+#: head_dim 64 (vLLM's CPU attention supports 32, 64, 80, ... but not 16), GQA.
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "qwen2": ("qwen2", {"use_sliding_window": False}),
+    "qwen3": ("qwen3", {"use_sliding_window": False}),
+    # Layers 0 and 1 use a 32-token sliding window, layer 2 full attention.
+    "gemma3": ("gemma3_text", {"sliding_window": 32, "layer_types": ["sliding_attention", "sliding_attention",
+                                                                     "full_attention"],
+                               "query_pre_attn_scalar": 64, "hidden_activation": "gelu_pytorch_tanh"}),
+    "granite": ("granite", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.125,
+                            "logits_scaling": 2.0}),
+}
+
+
+def build_checkpoint(
+    family: str,
+    out_dir: str | os.PathLike,
+    vocab_size: int,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 3,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    initializer_range: float = 0.1,
+    seed: int = 0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+    pad_token_id: int = 0,
+) -> torch.nn.Module:
+    """A model of ``family`` (a key of :data:`FAMILIES`) with random (seeded)
+    weights, saved in transformers format with its own config class."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, intermediate_size=2 * hidden_size,
+        head_dim=hidden_size // num_heads, max_position_embeddings=2048, initializer_range=initializer_range,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        tie_word_embeddings=False, **extra)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(out_dir))
     return model
 

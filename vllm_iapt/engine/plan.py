@@ -2,8 +2,10 @@
 instruction rows, grouped by adapter.
 
 Built once per step in the model runner (from the InputBatch, on the CPU, no
-device sync) and read by every IAPT layer in the forward. A step in which no
-IAPT request starts its prefill has no plan, so decode steps do no IAPT work.
+device sync) and handed to the layers the way attention metadata is: in vLLM's
+forward context (``additional_kwargs``), read inside the soft-row custom op, so a
+compiled graph never bakes in a plan. A step in which no IAPT request starts its
+prefill has no plan, so decode steps do no IAPT work.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from vllm.forward_context import get_forward_context, is_forward_context_available
 
 from vllm_iapt.engine.adapter_manager import DeviceAdapter, IAPTAdapterManager
 from vllm_iapt.engine.frontend import EXTRA_ARGS_KEY
@@ -33,16 +36,21 @@ class StepPlan:
     groups: list[AdapterGroup]
 
 
-_current: StepPlan | None = None
+#: Key of the plan in ``ForwardContext.additional_kwargs``.
+FORWARD_CONTEXT_KEY = "iapt_plan"
 
 
 def current_plan() -> StepPlan | None:
-    return _current
+    """This forward pass's plan, or None (no forward context, a dummy or
+    profiling run, or no IAPT prefill in this step)."""
+    if not is_forward_context_available():
+        return None
+    return get_forward_context().additional_kwargs.get(FORWARD_CONTEXT_KEY)
 
 
-def set_current_plan(plan: StepPlan | None) -> None:
-    global _current
-    _current = plan
+def publish(plan: StepPlan | None) -> None:
+    """Puts ``plan`` into the current forward context (call inside it)."""
+    get_forward_context().additional_kwargs[FORWARD_CONTEXT_KEY] = plan
 
 
 def build_plan(

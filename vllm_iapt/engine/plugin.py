@@ -1,10 +1,11 @@
 """The ``vllm.general_plugins`` entry point, run once in every vLLM process
 (front end, engine core, workers).
 
-It registers the IAPT-capable LLaMA and Mistral model classes and applies the
-patches in ``patches/``. Both are inert unless an engine is started with
-``additional_config={"iapt": {...}}``: without it the model classes build
-vLLM's stock layers and every patch calls straight through.
+It applies the patches in ``patches/``. They are inert unless an engine is started
+with ``additional_config={"iapt": {...}}``: without it every patch calls straight
+through and models keep vLLM's stock layers. With it, the worker adds the soft-row
+op to the decoder layers of the model vLLM built (:mod:`vllm_iapt.engine.layers`),
+whatever its family, if the family is one IAPT was checked on.
 """
 
 from __future__ import annotations
@@ -16,11 +17,7 @@ def register() -> None:
     global _done
     if _done:
         return
-    from vllm import ModelRegistry
-
     from vllm_iapt import patches
 
-    ModelRegistry.register_model("LlamaForCausalLM", "vllm_iapt.engine.model:IAPTLlamaForCausalLM")
-    ModelRegistry.register_model("MistralForCausalLM", "vllm_iapt.engine.model:IAPTMistralForCausalLM")
     patches.apply_all()
     _done = True

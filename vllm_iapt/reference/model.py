@@ -1,4 +1,5 @@
-"""The reference IAPT model on top of a frozen transformers LLaMA.
+"""The reference IAPT model on top of a frozen transformers causal LM of a checked
+family (:data:`vllm_iapt.architectures.CHECKED_ARCHITECTURES`).
 
 It trains adapters and is the numerical reference the vLLM engine must match.
 Soft rows are handled here and nowhere else on this side: callers pass the user's
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from vllm_iapt.architectures import checked_architecture, decoder_layers
 from vllm_iapt.adapter import IAPTAdapter, load_adapter, save_adapter
 from vllm_iapt.config import AdapterConfig
 from vllm_iapt.generator import LayerGenerator
@@ -120,7 +122,8 @@ class IAPTForCausalLM(nn.Module):
         return 0 if self.adapter_config is None else self.adapter_config.num_soft_tokens
 
     def _decoder_layers(self) -> nn.ModuleList:
-        return self.base.model.layers
+        config = self.base.config
+        return decoder_layers(self.base, checked_architecture(config.architectures or [type(self.base).__name__]))
 
     def _make_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple):
@@ -194,6 +197,9 @@ class IAPTForCausalLM(nn.Module):
         eos_token_id: int | None = None,
         use_cache: bool = True,
         placeholder_id: int = DEFAULT_PLACEHOLDER_ID,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> GenerationOutput:
         """Greedy (``temperature == 0``) or sampled generation for one prompt.
 
@@ -201,6 +207,9 @@ class IAPTForCausalLM(nn.Module):
         reuse the soft rows' cached K/V (what the engine does). Without it every
         step recomputes the whole sequence from scratch, pooling the instruction
         rows only: the two must agree.
+        The penalties follow vLLM's definitions (repetition over the user's prompt
+        and the generated tokens, presence and frequency over the generated tokens);
+        ``logprobs`` stay the raw, unpenalised ones, as vLLM reports them.
         """
         if not prompt_ids:
             raise ValueError("prompt must have at least one token")
@@ -223,6 +232,8 @@ class IAPTForCausalLM(nn.Module):
                 pool = ((cols >= m) & (cols < n_pool)).unsqueeze(0) if m else None
             logits = self._step(ids, cache, pool)
             logprobs = torch.log_softmax(logits, dim=-1)
+            logits = penalize(logits, list(prompt_ids), result.token_ids, repetition_penalty, presence_penalty,
+                              frequency_penalty)
             if temperature == 0.0:
                 tok = int(torch.argmax(logits))
             else:
@@ -234,3 +245,16 @@ class IAPTForCausalLM(nn.Module):
             if eos_token_id is not None and tok == eos_token_id:
                 break
         return result
+
+
+def penalize(logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int], repetition: float,
+             presence: float, frequency: float) -> torch.Tensor:
+    """vLLM's sampling penalties on one row of logits (``apply_penalties``)."""
+    if repetition == 1.0 and presence == 0.0 and frequency == 0.0:
+        return logits
+    vocab = logits.numel()
+    counts = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab)[:vocab].to(logits)
+    seen = counts > 0
+    seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+    logits = torch.where(seen & (logits > 0), logits / repetition, torch.where(seen, logits * repetition, logits))
+    return logits - frequency * counts - presence * (counts > 0).to(logits)

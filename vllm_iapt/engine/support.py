@@ -1,0 +1,139 @@
+"""The one place that decides whether IAPT can run in a vLLM configuration.
+
+Every vLLM setting either works exactly with IAPT or is refused at start-up with a
+message that names it and says what to do; nothing runs silently wrong. The front
+end calls :func:`prepare_engine_args` and :func:`check_and_adjust` when it builds
+the engine config (``patches/engine_args.py``), and every worker calls
+:func:`check_and_adjust` again on the config it was handed
+(:mod:`vllm_iapt.engine.worker`), so a process that got here another way is checked
+too.
+
+What is decided here, and why (docs/engine.md has the long form):
+
+* chunked prefill off: pooling needs every instruction row of a layer at once;
+* model runner V1: vLLM's V2 runner (its default wherever Triton works) does not
+  publish IAPT plans, so IAPT is reported to vLLM as a feature V2 lacks and vLLM
+  falls back to V1 the way it does for its own such features;
+* compilation on, with the soft-row op as a graph-splitting op; CUDA-graph modes
+  that would replay a whole step that starts an IAPT prefill (``FULL`` for mixed
+  batches) are refused, ``FULL_AND_PIECEWISE`` (vLLM's default), ``PIECEWISE``,
+  ``FULL_DECODE_ONLY`` and ``NONE`` are fine;
+* features that would change what the generators see are refused: dual-batch
+  overlap / micro-batching (splits a step's rows across forwards the plan does not
+  know), speculative decoding, vLLM LoRA, pipeline and data parallelism (not
+  checked yet), and architectures that are not in
+  :data:`vllm_iapt.architectures.CHECKED_ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from vllm_iapt.architectures import checked_architecture
+from vllm_iapt.config import IAPTEngineConfig
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+logger = logging.getLogger("vllm.iapt")  # under vLLM's logger, so it shows in server logs
+
+#: vLLM releases IAPT was checked on (without local suffix: "0.32.0" for "0.32.0+cpu").
+CHECKED_VLLM_VERSIONS = ("0.32.0",)
+ALLOW_UNCHECKED_ENV = "VLLM_IAPT_ALLOW_UNCHECKED_VLLM"
+
+#: How IAPT is named in vLLM's "Model Runner V2 does not yet support ..." log line.
+V2_RUNNER_FEATURE = "IAPT adapters (vllm-iapt)"
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__.split("+")[0]
+
+
+def config_of(vllm_config: "VllmConfig") -> IAPTEngineConfig | None:
+    return IAPTEngineConfig.from_additional_config(vllm_config.additional_config)
+
+
+def prepare_engine_args(args: "EngineArgs", cfg: IAPTEngineConfig) -> None:
+    """Checks and sets the engine arguments before vLLM builds its config."""
+    version = vllm_version()
+    if version not in CHECKED_VLLM_VERSIONS and not (cfg.allow_unchecked_vllm or os.environ.get(ALLOW_UNCHECKED_ENV)):
+        raise ValueError(
+            f"vllm-iapt was checked on vLLM {', '.join(CHECKED_VLLM_VERSIONS)}, not {version}. Set "
+            f"additional_config['iapt']['allow_unchecked_vllm']=true or {ALLOW_UNCHECKED_ENV}=1 to try anyway.")
+    if args.enable_lora:
+        raise ValueError("IAPT and vLLM LoRA cannot be enabled together (both use the request's lora_request); "
+                         "remove --enable-lora or the iapt options")
+    if args.enable_chunked_prefill:
+        raise ValueError("IAPT prompts must be prefilled in one step: enable_chunked_prefill=True is not "
+                         "supported with IAPT (leave it unset; IAPT turns chunked prefill off)")
+    if args.long_prefill_token_threshold or getattr(args, "long_prefill_token_threshold_adaptive", False):
+        raise ValueError("long_prefill_token_threshold splits prompts into chunks, which IAPT cannot do; "
+                         "leave it at 0")
+    if args.speculative_config:
+        raise ValueError("speculative decoding is not supported with IAPT (draft models have no soft tokens)")
+    args.enable_chunked_prefill = False
+
+
+def v2_runner_blockers(vllm_config: "VllmConfig") -> list[str]:
+    """What keeps vLLM's model runner V2 from serving this config, for vLLM's own
+    fallback logic (``VllmConfig._get_v2_model_runner_unsupported_features``)."""
+    try:
+        enabled = config_of(vllm_config) is not None
+    except ValueError:
+        enabled = True  # invalid options: they are reported elsewhere; never pick V2 for them
+    return [V2_RUNNER_FEATURE] if enabled else []
+
+
+def check_and_adjust(vllm_config: "VllmConfig", cfg: IAPTEngineConfig) -> None:
+    """Refuses what IAPT cannot honour in a built config, and adds the soft-row op
+    to the graph-splitting ops. Idempotent; raises a ValueError that names the
+    setting and what to do."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    from vllm_iapt.engine.layers import SPLITTING_OP
+
+    model, sched, parallel = vllm_config.model_config, vllm_config.scheduler_config, vllm_config.parallel_config
+    checked_architecture(getattr(model.hf_config, "architectures", None))
+    if vllm_config.use_v2_model_runner:
+        raise ValueError(
+            "IAPT needs vLLM's model runner V1 (V2 does not publish IAPT plans to the layers), but V2 was "
+            "forced (VLLM_USE_V2_MODEL_RUNNER=1 or a feature that requires V2); unset VLLM_USE_V2_MODEL_RUNNER")
+    if sched.enable_chunked_prefill:
+        raise ValueError("IAPT needs chunked prefill off, but the config has it on")
+    if sched.max_num_batched_tokens < model.max_model_len:
+        raise ValueError(
+            f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be >= max_model_len "
+            f"({model.max_model_len}) with IAPT, because prompts are never split")
+    if cfg.placeholder_token_id >= model.get_vocab_size():
+        raise ValueError(f"iapt placeholder_token_id {cfg.placeholder_token_id} is outside the vocabulary "
+                         f"({model.get_vocab_size()})")
+    if parallel.use_ubatching:
+        raise ValueError("dual-batch overlap / micro-batching (enable_dbo, ubatch_size) splits a step's rows "
+                         "across forward passes, which IAPT's per-step plan does not follow; turn it off")
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError("pipeline parallelism is not supported with IAPT yet (not checked; see docs/engine.md); "
+                         "use tensor parallelism")
+    if parallel.data_parallel_size > 1:
+        raise ValueError("data parallelism is not supported with IAPT yet (not checked; see docs/engine.md); "
+                         "run one server per replica")
+    if vllm_config.speculative_config is not None:
+        raise ValueError("speculative decoding is not supported with IAPT (draft models have no soft tokens)")
+    if vllm_config.lora_config is not None:
+        raise ValueError("IAPT and vLLM LoRA cannot be enabled together")
+
+    comp = vllm_config.compilation_config
+    if comp.cudagraph_mode is not None and comp.cudagraph_mode.mixed_mode() == CUDAGraphMode.FULL:
+        raise ValueError(
+            f"cudagraph_mode {comp.cudagraph_mode.name} replays whole steps, including steps that start an "
+            "IAPT prefill, as one CUDA graph, which skips the soft-row op; use FULL_AND_PIECEWISE (vLLM's "
+            "default), PIECEWISE, FULL_DECODE_ONLY or NONE")
+    if comp.mode == CompilationMode.VLLM_COMPILE:
+        if comp.splitting_ops is None:
+            comp.splitting_ops = []
+        if SPLITTING_OP not in comp.splitting_ops:
+            comp.splitting_ops.append(SPLITTING_OP)
