@@ -79,18 +79,18 @@ def build_llama(
     return model
 
 
-#: Family name -> (transformers model_type, extra config keys). Random weights,
+#: Family -> (transformers model_type, architecture, extra config keys). Random weights,
 #: head_dim 64 (vLLM's CPU attention supports 32, 64, 80, ... but not 16), GQA.
-FAMILIES: dict[str, tuple[str, dict]] = {
-    "llama": ("llama", {}),
-    "mistral": ("mistral", {"sliding_window": None}),
-    "qwen2": ("qwen2", {"use_sliding_window": False}),
-    "qwen3": ("qwen3", {"use_sliding_window": False}),
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("llama", "LlamaForCausalLM", {}),
+    "mistral": ("mistral", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": False}),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", {"use_sliding_window": False}),
     # Layers 0 and 1 use a 32-token sliding window, layer 2 full attention.
-    "gemma3": ("gemma3_text", {"sliding_window": 32, "layer_types": ["sliding_attention", "sliding_attention",
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM", {"sliding_window": 32, "layer_types": ["sliding_attention", "sliding_attention",
                                                                      "full_attention"],
                                "query_pre_attn_scalar": 64, "hidden_activation": "gelu_pytorch_tanh"}),
-    "granite": ("granite", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.125,
+    "granite": ("granite", "GraniteForCausalLM", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.125,
                             "logits_scaling": 2.0}),
 }
 
@@ -114,7 +114,7 @@ def build_checkpoint(
     weights, saved in transformers format with its own config class."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type, extra = FAMILIES[family]
+    model_type, architecture, extra = FAMILIES[family]
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
         model_type, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
@@ -122,7 +122,9 @@ def build_checkpoint(
         head_dim=hidden_size // num_heads, max_position_embeddings=2048, initializer_range=initializer_range,
         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         tie_word_embeddings=False, **extra)
+    config.architectures = [architecture]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    assert type(model).__name__ == architecture, (type(model).__name__, architecture)
     model.save_pretrained(str(out_dir))
     return model
 

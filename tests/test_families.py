@@ -1,0 +1,67 @@
+"""Every checked model family, through the real engine (compiled, vLLM's default),
+token for token against the reference model: a mixed batch of the base model and
+two adapters, prompt lengths 1..200 (longer than Gemma3's 32-token sliding window)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from conftest import random_ids
+from test_engine_process import run_engine
+
+from vllm_iapt.architectures import CHECKED_ARCHITECTURES
+from vllm_iapt.toy import FAMILIES, build_checkpoint
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 8
+LENGTHS = (1, 7, 33, 120, 200)
+
+
+def test_every_checked_architecture_has_a_family_test():
+    assert {arch for _, arch, _ in FAMILIES.values()} == set(CHECKED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_parity(family, tmp_path, tiny_model_dir, adapter_factory):
+    from vllm_iapt.reference import IAPTForCausalLM
+
+    model_dir = tmp_path / family
+    model_dir.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, model_dir / f.name)
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    base = build_checkpoint(family, model_dir, vocab, seed=len(family)).eval()
+    assert base.config.architectures[0] in CHECKED_ARCHITECTURES
+    a = [f"{family}-a", 1, str(adapter_factory(f"{family}-a", num_hidden_layers=3, num_soft_tokens=4, seed=41))]
+    b = [f"{family}-b", 2, str(adapter_factory(f"{family}-b", num_hidden_layers=3, num_soft_tokens=2,
+                                                activation="gelu", layers=[0, 2], seed=42))]
+    items = [{"ids": random_ids(n, 1000 + 10 * n + i), "adapter": ad}
+             for n in LENGTHS for i, ad in enumerate((None, a, b))]
+    result = run_engine(tmp_path, {
+        "model": str(model_dir),
+        "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        "engine": {"additional_config": {"iapt": {}}, "max_model_len": 256},
+        "inspect_layers": True,
+        "batches": [{"items": items, "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": 0,
+                                                  "ignore_eos": True}}],
+    })
+    assert all(t.startswith("IAPT") for t in result["layer_types"]), result["layer_types"]
+    refs = {None: IAPTForCausalLM.from_pretrained(base)}
+    for ad in (a, b):
+        refs[ad[0]] = IAPTForCausalLM.from_pretrained(base, ad[2])
+    outputs = set()
+    for it, res in zip(items, result["batches"][0]):
+        ref = refs[it["adapter"][0] if it["adapter"] else None].generate(it["ids"], MAX_TOKENS)
+        got = res["outputs"][0]
+        assert got["token_ids"] == ref.token_ids, (family, it["adapter"] and it["adapter"][0], len(it["ids"]))
+        for x, y in zip(got["logprobs"], ref.logprobs):
+            assert math.isclose(x, y, abs_tol=2e-3), (family, x, y)
+        outputs.add((len(it["ids"]), tuple(got["token_ids"])))
+    # The adapters change the outputs (otherwise parity would prove little).
+    assert len(outputs) > 2 * len(LENGTHS)
