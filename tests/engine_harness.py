@@ -22,6 +22,18 @@ def make_llm(model: str, **kwargs):
     return LLM(model=model, **kwargs)
 
 
+def shutdown(llm) -> None:
+    """Frees an engine so that another one can start in the same process."""
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
 def run_batch(llm, items: list[dict[str, Any]], sampling: dict[str, Any]) -> list[dict[str, Any]]:
     """``items``: dicts with ``ids`` (prompt token ids) or ``text``, and optional
     ``adapter`` = [name, id, path] and ``cache_salt``."""

@@ -29,16 +29,19 @@ def adapters(adapter_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model_dir):
+@pytest.fixture(scope="module", params=["compiled", "eager"])
+def llm(request, tiny_model_dir):
+    """The same engine in vLLM's default compiled mode and in eager mode: every
+    test below runs against both."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from engine_harness import make_llm
+    from engine_harness import make_llm, shutdown
 
     # max_adapters=2 < the 4 adapters used together: a prefill step may need more
     # adapters than stay resident, and that must still be exact.
-    llm = make_llm(str(tiny_model_dir), additional_config={"iapt": {"max_adapters": 2, "max_cpu_adapters": 3}})
+    llm = make_llm(str(tiny_model_dir), enforce_eager=request.param == "eager",
+                   additional_config={"iapt": {"max_adapters": 2, "max_cpu_adapters": 3}})
     yield llm
-    del llm
+    shutdown(llm)
 
 
 def check_against_reference(reference, items, results, max_tokens=MAX_TOKENS):
@@ -230,3 +233,105 @@ def test_adapter_residency_is_bounded_and_uploads_once(llm, adapters):
     run_batch(llm, [{"ids": ids, "adapter": adapters["a"]}], GREEDY)
     run_batch(llm, [{"ids": random_ids(40, 6), "adapter": adapters["a"]}], GREEDY)
     assert manager.num_uploads - before <= 1  # resident after its first use
+
+
+def test_penalties_see_the_user_prompt_only(llm, reference, adapters):
+    """Repetition, presence and frequency penalties give the reference's tokens:
+    the soft slots' placeholder ids (a real token id) never count as prompt tokens."""
+    penalties = {"repetition_penalty": 1.8, "presence_penalty": 0.6, "frequency_penalty": 0.4}
+    # Prompts full of the placeholder id 0, which the slots also carry.
+    items = [{"ids": [1] + [0, 5, 0, 9] * (k + 1), "adapter": adapters[key] if key else None}
+             for k, key in enumerate([None, "a", "b", "c"])]
+    results = run_batch(llm, items, {**GREEDY, **penalties})
+    for it, res in zip(items, results):
+        path = it["adapter"][2] if it["adapter"] else None
+        ref = reference.model(path).generate(it["ids"], MAX_TOKENS, repetition_penalty=1.8, presence_penalty=0.6,
+                                             frequency_penalty=0.4)
+        assert res["outputs"][0]["token_ids"] == ref.token_ids, it["adapter"]
+    # The penalties matter here: without them the tokens differ.
+    plain = run_batch(llm, items, GREEDY)
+    assert any(p["outputs"][0]["token_ids"] != r["outputs"][0]["token_ids"] for p, r in zip(plain, results))
+
+    # What the penalties see of a running IAPT request: its prompt, never the slots.
+    from vllm import SamplingParams
+
+    from vllm_iapt import IAPTRequest
+
+    engine = llm.llm_engine
+    runner = engine.model_executor.driver_worker.worker.model_runner
+    ids = random_ids(9, 3)
+    engine.add_request("pen", {"type": "token", "prompt_token_ids": ids}, SamplingParams(**GREEDY, **penalties),
+                       lora_request=IAPTRequest(*adapters["c"]))
+    engine.step()
+    batch = runner.input_batch
+    (index,) = [i for i, r in enumerate(batch.req_ids) if r.startswith("pen")]  # vLLM may suffix the id
+    row = batch.sampling_metadata.prompt_token_ids[index].tolist()
+    m = 7  # adapter c
+    assert row[: m + len(ids)] == [batch.vocab_size] * m + ids
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_beam_search_with_an_adapter_is_refused(llm, adapters):
+    from vllm.sampling_params import BeamSearchParams
+
+    from vllm_iapt import IAPTRequest
+
+    params = BeamSearchParams(beam_width=2, max_tokens=4)
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="beam search is not supported with IAPT adapters"):
+        llm.beam_search([{"prompt_token_ids": random_ids(6, 1)}], params, lora_request=IAPTRequest(*adapters["a"]))
+    # The base model's beam search is vLLM's, unchanged.
+    out = llm.beam_search([{"prompt_token_ids": random_ids(6, 1)}], params)
+    assert len(out[0].sequences) == 2
+
+
+def test_steps_with_and_without_iapt_prefills_alternate_without_recompiling(llm, reference, adapters):
+    """Many steps alternate between IAPT prefills, base prefills and decodes; the
+    compiled graph is traced once (no recompiles, no graph breaks) and every output
+    matches the reference."""
+    from torch._dynamo.utils import counters
+
+    run_batch(llm, [{"ids": random_ids(5, 2), "adapter": adapters["a"]}], GREEDY)  # warm
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    engine = llm.llm_engine
+    from vllm import SamplingParams
+
+    from vllm_iapt import IAPTRequest
+
+    items, finished = {}, {}
+    keys = [None, "a", None, "b", "c", None, "d", "a"]
+    for step, key in enumerate(keys * 2):
+        ids = random_ids(3 + 7 * step, 500 + step)
+        req_id = f"alt-{step}"
+        items[req_id] = {"ids": ids, "adapter": adapters[key] if key else None}
+        engine.add_request(req_id, {"type": "token", "prompt_token_ids": ids}, SamplingParams(**GREEDY),
+                           lora_request=IAPTRequest(*adapters[key]) if key else None)
+        for _ in range(2):  # a prefill step, then a decode step of everything running
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert set(finished) == set(items)
+    for req_id, it in items.items():
+        path = it["adapter"][2] if it["adapter"] else None
+        assert list(finished[req_id].outputs[0].token_ids) == reference.generate(it["ids"], path, MAX_TOKENS).token_ids
+    assert counters["stats"]["unique_graphs"] == graphs, "a step recompiled the model"
+    assert sum(counters["graph_break"].values()) == breaks, "the soft-row op broke the graph"
+
+
+def test_runner_and_compilation_in_use(llm, request):
+    """The engine runs vLLM's model runner V1 with IAPT layers, in the mode asked for."""
+    from vllm.config import CompilationMode
+
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    assert runner.iapt is not None and runner.iapt.num_layers == 2
+    assert type(runner).__module__ == "vllm.v1.worker.cpu_model_runner"
+    mode = llm.llm_engine.vllm_config.compilation_config.mode
+    compiled = "compiled" in request.node.callspec.id
+    assert (mode != CompilationMode.NONE) == compiled
+    assert all(type(layer).__name__ == "IAPTLlamaDecoderLayer" for layer in runner.get_model().model.layers)
