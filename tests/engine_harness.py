@@ -77,7 +77,32 @@ def counter(llm, name: str) -> float:
 def main(spec_path: str) -> None:
     spec = json.load(open(spec_path))
     os.environ.update(spec.get("env", {}))
-    llm = make_llm(spec["model"], **spec.get("engine", {}))
+    if spec.get("fake_triton"):
+        # What vLLM checks to pick model runner V2 (true on every CUDA install).
+        import vllm.config.vllm
+
+        vllm.config.vllm.HAS_TRITON = True
+    if spec.get("force_v2_after_config"):
+        # Past the front end's checks, force V2 where the worker picks its runner
+        # (in-process engine only), to prove the worker's own start-up check.
+        from vllm.engine.arg_utils import EngineArgs
+
+        from vllm_iapt.engine import plugin
+
+        plugin.register()
+        create = EngineArgs.create_engine_config
+
+        def create_then_force_v2(self, *args, **kwargs):
+            config = create(self, *args, **kwargs)
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+            return config
+
+        EngineArgs.create_engine_config = create_then_force_v2
+    try:
+        llm = make_llm(spec["model"], **spec.get("engine", {}))
+    except Exception as e:  # reported: the start-up error is what some tests check
+        print("RESULT " + json.dumps({"startup_error": f"{type(e).__name__}: {e}"}))
+        return
     result: dict[str, Any] = {"batches": []}
     for batch in spec["batches"]:
         try:
@@ -91,6 +116,8 @@ def main(spec_path: str) -> None:
         model = executor.driver_worker.worker.model_runner.model
         result["layer_types"] = sorted({type(layer).__name__ for layer in model.model.layers})
         result["model_type"] = type(model).__name__
+        runner = executor.driver_worker.worker.model_runner
+        result["runner"] = f"{type(runner).__module__}.{type(runner).__qualname__}"
     print("RESULT " + json.dumps(result))
 
 

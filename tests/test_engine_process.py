@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +20,14 @@ pytestmark = pytest.mark.engine
 HARNESS = Path(__file__).with_name("engine_harness.py")
 
 
-def run_engine(tmp_path, spec: dict, timeout: int = 600) -> dict:
+def run_engine(tmp_path, spec: dict, timeout: int = 600, log: Path | None = None) -> dict:
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, **spec.pop("process_env", {})}
     proc = subprocess.run([sys.executable, str(HARNESS), str(spec_file)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=HARNESS.parent)
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
@@ -115,50 +118,91 @@ def test_bad_engine_options_fail_at_start(tiny_model_dir, kwargs, match):
 
 def test_unchecked_vllm_version_is_refused(tiny_model_dir, monkeypatch):
     from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_iapt.patches import engine_args
+    from vllm_iapt.config import IAPTEngineConfig
+    from vllm_iapt.engine import support
 
-    monkeypatch.setattr(engine_args, "CHECKED_VLLM_VERSIONS", ("0.0.1",))
+    monkeypatch.setattr(support, "CHECKED_VLLM_VERSIONS", ("0.0.1",))
     with pytest.raises(ValueError, match="checked on vLLM 0.0.1, not 0.32.0"):
         LLM(model=str(tiny_model_dir), dtype="float32", additional_config={"iapt": {}})
     # The explicit override passes the version check (and nothing else changes).
+    support.prepare_engine_args(EngineArgs(model=str(tiny_model_dir)), IAPTEngineConfig(allow_unchecked_vllm=True))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"pipeline_parallel_size": 2}, "pipeline parallelism is not supported with IAPT"),
+    ({"data_parallel_size": 2}, "data parallelism is not supported with IAPT"),
+])
+def test_unchecked_parallelism_is_refused(tiny_model_dir, kwargs, match):
     from vllm.engine.arg_utils import EngineArgs
-    from vllm_iapt.config import IAPTEngineConfig
 
-    engine_args.check_engine_args(EngineArgs(model=str(tiny_model_dir)), IAPTEngineConfig(allow_unchecked_vllm=True))
+    with pytest.raises(ValueError, match=match):
+        EngineArgs(model=str(tiny_model_dir), dtype="float32", max_model_len=512, additional_config={"iapt": {}},
+                   **kwargs).create_engine_config()
 
 
-def test_mistral_architecture(tmp_path, tiny_model_dir, adapter_factory):
-    """MistralForCausalLM checkpoints get the IAPT layers too, with the same parity."""
-    import shutil
+def test_unchecked_architecture_is_refused(tmp_path, tiny_model_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from vllm.engine.arg_utils import EngineArgs
 
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from vllm_iapt.reference import IAPTForCausalLM
-
-    model_dir = tmp_path / "tiny-mistral"
-    model_dir.mkdir()
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=1, vocab_size=384)).save_pretrained(tmp_path)
     for f in tiny_model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, model_dir / f.name)
-    llama_cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=llama_cfg["vocab_size"], hidden_size=128, intermediate_size=256,
-                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                        initializer_range=0.1, sliding_window=None, bos_token_id=1, eos_token_id=2)
-    base = MistralForCausalLM(cfg).eval()
-    base.save_pretrained(model_dir)
-    adapter = ["m", 1, str(adapter_factory("mistral-a", num_soft_tokens=3, seed=31))]
-    items = [{"ids": random_ids(n, n + 5), "adapter": ad} for n in (4, 70) for ad in (None, adapter)]
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(ValueError, match="IAPT is not checked on architecture GPT2LMHeadModel; checked: LlamaForCausalLM"):
+        EngineArgs(model=str(tmp_path), dtype="float32", additional_config={"iapt": {}}).create_engine_config()
+    # Without IAPT the same model is vLLM's business, untouched.
+    assert EngineArgs(model=str(tmp_path), dtype="float32").create_engine_config().model_config.architectures
+
+
+def test_model_runner_v2_falls_back_to_v1(tmp_path, tiny_model_dir, adapter_factory, reference):
+    """Where vLLM would pick model runner V2 (Triton present: every CUDA install),
+    IAPT makes it fall back to V1 the way vLLM does for its own unsupported
+    features, and the outputs are exact."""
+    a = ["a", 1, str(adapter_factory("v2-a", num_soft_tokens=4, seed=51))]
+    items = [{"ids": random_ids(n, n), "adapter": ad} for n in (5, 60) for ad in (None, a)]
+    log = tmp_path / "engine.log"
     result = run_engine(tmp_path, {
-        "model": str(model_dir),
-        "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        "model": str(tiny_model_dir),
+        "fake_triton": True,
+        "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "INFO"},
         "engine": {"additional_config": {"iapt": {}}},
         "inspect_layers": True,
-        "batches": [{"items": items, "sampling": {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}}],
+        "batches": [{"items": items, "sampling": {"max_tokens": 8, "temperature": 0.0, "logprobs": 0,
+                                                  "ignore_eos": True}}],
+    }, log=log)
+    assert result["runner"] == "vllm.v1.worker.cpu_model_runner.CPUModelRunner"
+    assert "Model Runner V2 does not yet support IAPT adapters (vllm-iapt); using the V1 model runner" in log.read_text()
+    assert_matches_reference(reference, items, result["batches"][0], 8)
+
+
+def test_model_runner_v2_selection_is_decided_by_iapt(tiny_model_dir, monkeypatch):
+    import vllm.config.vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setattr(vllm.config.vllm, "HAS_TRITON", True)
+    base = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_model_len=512).create_engine_config()
+    assert base.use_v2_model_runner, "faking Triton should make vLLM pick V2 for the base model"
+    iapt = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_model_len=512,
+                      additional_config={"iapt": {}}).create_engine_config()
+    assert not iapt.use_v2_model_runner
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    # vLLM itself refuses: IAPT is one of the features V2 does not support.
+    with pytest.raises(ValueError, match="Model Runner V2 does not yet support: IAPT adapters"):
+        EngineArgs(model=str(tiny_model_dir), dtype="float32", max_model_len=512,
+                   additional_config={"iapt": {}}).create_engine_config()
+
+
+def test_worker_refuses_a_runner_that_does_not_publish_plans(tmp_path, tiny_model_dir):
+    """Model runner V2 forced past the front end's checks: the worker's own
+    start-up check stops the engine before any request runs without soft tokens."""
+    result = run_engine(tmp_path, {
+        "model": str(tiny_model_dir),
+        "fake_triton": True,
+        "force_v2_after_config": True,
+        "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        "engine": {"additional_config": {"iapt": {}}},
+        "batches": [],
     })
-    assert result["model_type"] == "IAPTMistralForCausalLM" and result["layer_types"] == ["IAPTMistralDecoderLayer"]
-    for it, res in zip(items, result["batches"][0]):
-        ref = IAPTForCausalLM.from_pretrained(base, it["adapter"][2] if it["adapter"] else None)
-        assert res["outputs"][0]["token_ids"] == ref.generate(it["ids"], 8).token_ids
+    assert "vllm.v1.worker.cpu.model_runner.CPUModelRunner) does not publish IAPT plans" in result["startup_error"]
