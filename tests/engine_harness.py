@@ -98,11 +98,17 @@ def main(spec_path: str) -> None:
             return config
 
         EngineArgs.create_engine_config = create_then_force_v2
+    if "runs" in spec:  # several engines one after another in this process (e.g. one per model family)
+        print("RESULT " + json.dumps({"runs": [run_spec(run, keep=False) for run in spec["runs"]]}))
+    else:
+        print("RESULT " + json.dumps(run_spec(spec)))
+
+
+def run_spec(spec: dict[str, Any], keep: bool = True) -> dict[str, Any]:
     try:
         llm = make_llm(spec["model"], **spec.get("engine", {}))
     except Exception as e:  # reported: the start-up error is what some tests check
-        print("RESULT " + json.dumps({"startup_error": f"{type(e).__name__}: {e}"}))
-        return
+        return {"startup_error": f"{type(e).__name__}: {e}"}
     result: dict[str, Any] = {"batches": []}
     for batch in spec["batches"]:
         try:
@@ -118,7 +124,9 @@ def main(spec_path: str) -> None:
         result["model_type"] = type(model).__name__
         runner = executor.driver_worker.worker.model_runner
         result["runner"] = f"{type(runner).__module__}.{type(runner).__qualname__}"
-    print("RESULT " + json.dumps(result))
+    if not keep:
+        shutdown(llm)
+    return result
 
 
 if __name__ == "__main__":
