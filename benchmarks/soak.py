@@ -106,7 +106,7 @@ def settings_from(args) -> Settings:
         churn_period=3.0 if quick else 4.0,
         abort_fraction=0.03,
         min_margin=args.min_margin,
-        warmup_fraction=0.2,
+        warmup_fraction=0.3 if quick else 0.2,
         seed=args.seed,
         serve_args=list(args.serve_arg or []),
     )
@@ -355,10 +355,7 @@ def proc_name(pid: int) -> str:
         return argv[0].removeprefix("VLLM::")
     if "serve" in argv[1:3]:
         return "api-server"
-    head = " ".join(argv[:2])
-    if "EngineCore" in head or "engine" in head.lower():
-        return "engine-core"
-    if "resource_tracker" in head:
+    if "resource_tracker" in " ".join(argv):
         return "resource-tracker"
     return os.path.basename(argv[0])[:40]
 
@@ -374,10 +371,15 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.halt.wait(self.period):
-            self.sample()
+            try:
+                self.sample()
+            except Exception:  # a process that vanished mid-read: skip this sample
+                pass
 
-    def sample(self) -> dict | None:
+    def sample(self, force: bool = False) -> dict | None:
         srv = self.run_.server
+        if not force and (not self.run_.serving.is_set() or self.run_.restarting):
+            return None  # starting or stopping: not a steady state
         if srv is None or srv.proc is None or srv.proc.poll() is not None:
             return None
         procs = {}
@@ -448,6 +450,7 @@ class Run:
         self.prefix_cached_tokens = 0
         self.incarnation_done: list[tuple[int, int]] = []  # (incarnation, requests started before it)
         self.canary: dict = {}
+        self.gate: float | None = 0.0  # traffic may not run ahead of the next fault by more than 5% of the run
 
     # -- set-up ---------------------------------------------------------------
     def prepare(self) -> None:
@@ -655,7 +658,11 @@ class Run:
                 self.results["not-sent (time limit)"] += 1
                 bar.update()
                 continue
+            while self.gate is not None and self.done > (self.gate + 0.05) * self.s.requests:
+                await asyncio.sleep(0.05)
             await self.serving.wait()
+            if job.model in self.runtime and self.loaded_runtime and self.rng.random() < 0.8:
+                job.model = self.rng.choice(sorted(self.loaded_runtime))  # mostly loaded ones; some 404s
             t = time.monotonic()
             res = await self.send(http, job)
             verdict = self.classify(job, res)
@@ -690,13 +697,13 @@ class Run:
                 except OSError:
                     pass
             self.event("server-stop" if planned else "server-restart-after-death")
-            self.sampler.sample()
+            self.sampler.sample(force=True)
             await asyncio.to_thread(self.server.stop)
             if planned:
                 self.faults["server_restart"]["injected"] += 1
             self.server = self.new_server()
             await asyncio.to_thread(self.server.start)
-            self.sampler.sample()
+            self.sampler.sample(force=True)
             self.event("server-ready", incarnation=self.incarnation)
             # Run-time registrations do not survive a restart: load them again.
             async with httpx.AsyncClient() as http:
@@ -747,6 +754,10 @@ class Run:
 
     async def malformed(self, http: httpx.AsyncClient, item: dict) -> None:
         status, text = await self.post(http, item["route"], item["body"], item["raw"], timeout=60)
+        if status == "connection" and (self.restarting or not self.alive()):
+            await self.check_alive("before a malformed load")  # the server was already down: try again
+            await self.serving.wait()
+            status, text = await self.post(http, item["route"], item["body"], item["raw"], timeout=60)
         ok = isinstance(status, int) and 400 <= status < 500
         self.catalogue_results[item["kind"]].append(status)
         self.faults["malformed_load"]["injected"] += 1
@@ -875,6 +886,7 @@ class Run:
         plan.sort(key=lambda x: x[0])
         n_mut = 0
         for frac, what, arg in plan:
+            self.gate = frac
             while self.done < frac * s.requests and not stop.is_set():
                 await asyncio.sleep(0.2)
             if stop.is_set():
@@ -888,6 +900,7 @@ class Run:
                 await self.mutation(http, arg, n_mut)
             else:
                 await self.restart(planned=True)
+        self.gate = None
 
     async def run_canary(self, http: httpx.AsyncClient) -> None:
         """Proves the checker can fail: one request to 'sort' is checked as if it
@@ -927,7 +940,7 @@ class Run:
         await asyncio.to_thread(self.references)  # overlaps the server's start-up
         await start
         self.t0 = time.monotonic()
-        self.sampler.sample()
+        self.sampler.sample(force=True)
         self.sampler.start()
         self.event("server-ready", incarnation=self.incarnation)
         self.serving.set()
@@ -957,7 +970,7 @@ class Run:
             if not self.alive():
                 await self.check_alive("dead at the end of traffic")
             drained = await self.drain_metrics()
-            self.sampler.sample()
+            self.sampler.sample(force=True)
             self.metrics_by_incarnation.append({"incarnation": self.incarnation, **drained})
         self.sampler.halt.set()
         self.sampler.join()
@@ -1187,7 +1200,7 @@ def main() -> int:
     ap.add_argument("--max-time", type=float, help="stop sending after this many seconds")
     ap.add_argument("--concurrency", type=int, help="concurrent clients (default 12; --quick 8)")
     ap.add_argument("--restarts", type=int, help="planned server stops and restarts (default 1; --quick 0)")
-    ap.add_argument("--kv-blocks", type=int, default=24, help="KV cache blocks of 32 tokens (small: forces preemption)")
+    ap.add_argument("--kv-blocks", type=int, default=12, help="KV cache blocks of 32 tokens (small: forces preemption)")
     ap.add_argument("--min-margin", type=float, default=0.005, help="drop prompts with a smaller top-2 log-prob gap")
     ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--model", default=str(DEMO / "model"))
