@@ -251,7 +251,7 @@ def _run(llm, jobs, before_steps=None):
     ids = []
     for i, (prompt, lora) in enumerate(jobs):
         rid = f"integrity-{time.monotonic_ns()}-{i}"
-        engine.add_request(rid, {"prompt_token_ids": prompt}, SamplingParams(**GREEDY), lora_request=lora)
+        engine.add_request(rid, {"type": "token", "prompt_token_ids": prompt}, SamplingParams(**GREEDY), lora_request=lora)
         ids.append(rid)
     if before_steps is not None:
         before_steps()
