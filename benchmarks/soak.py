@@ -21,8 +21,9 @@ beforehand, so float noise cannot be mistaken for a wrong answer.
 Faults, injected while traffic runs: client aborts mid-stream, load/unload churn
 (including ``load_inplace``), a catalogue of malformed loads (each must be a 4xx),
 adapter files replaced / deleted / re-linked / truncated after they were loaded
-(each must be served from the accepted content or fail cleanly with a 4xx), and the
-server stopped and restarted. A server that dies is recorded, restarted, and the
+(each request must be served with validated content, the content at load or the
+new files' once re-validated, or fail cleanly with a 4xx; never another adapter's
+or an outside directory's output), and the server stopped and restarted. A server that dies is recorded, restarted, and the
 run goes on, so the report says what happened instead of stopping at the first
 failure.
 
@@ -504,7 +505,20 @@ class Run:
             *[f"{k}={v}" for k, v in self.static.items()], "--iapt-adapter-dir", str(self.adir),
             "--max-iapt-adapters", "4", "--max-cpu-iapt-adapters", "8", "--block-size", str(s.block_size),
             "--num-gpu-blocks-override", str(s.kv_blocks), "--enable-prefix-caching",
-            "--enable-prompt-tokens-details", *s.serve_args, port=port)
+            "--enable-prompt-tokens-details", *self.snapshot_args, *s.serve_args, port=port)
+
+    @property
+    def snapshot_args(self) -> list[str]:
+        """A private snapshot directory, if this vllm-iapt has snapshots."""
+        try:
+            from vllm_iapt.config import IAPTEngineConfig
+        except ImportError:
+            return []
+        if "snapshot_dir" not in IAPTEngineConfig.model_fields:
+            return []
+        path = self.work / "snapshots"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return ["--iapt-snapshot-dir", str(path.resolve())]
 
     def new_server(self) -> ServerProcess:
         self.incarnation += 1
@@ -814,7 +828,7 @@ class Run:
                 if verdict.startswith("status:") and isinstance(st, int) and 400 <= st < 500:
                     verdict = "clean 4xx"
                 outcome["requests"][f"{phase}: {verdict}"] += 1
-                if verdict not in ("correct", "clean 4xx"):
+                if not acceptable_change_outcome(verdict):
                     self.problem(what=f"file change '{kind}': {verdict}", phase=phase, status=st,
                                  detail=res.get("error"), got=res.get("tokens"))
 
@@ -866,7 +880,7 @@ class Run:
             await self.check_alive(f"file change {kind}")
         else:
             await self.post(http, "/v1/unload_lora_adapter", {"lora_name": name})
-        bad = [k for k in outcome["requests"] if not (k.endswith(": correct") or k.endswith(": clean 4xx"))]
+        bad = [k for k in outcome["requests"] if not acceptable_change_outcome(k)]
         if alive and not bad:
             self.faults["file_change"]["survived"] += 1
         self.mutation_results.append(outcome)
@@ -1012,6 +1026,15 @@ def memory_summary(samples: list[dict], warmup_fraction: float, total_requests: 
     return {"incarnations": out}
 
 
+def acceptable_change_outcome(verdict: str) -> bool:
+    """After an adapter's files changed, a request may be served with the content
+    validated at load ("correct"), with the new files' content once the server
+    validated it again ("served new content"), or refused with a 4xx. Anything
+    else (another adapter's or an outside directory's output, a wrong answer, a
+    5xx, a dropped connection) is a violation."""
+    return verdict.split(": ")[-1] in ("correct", "clean 4xx", "served new content")
+
+
 def build_report(run: Run, drained: dict, args) -> dict:
     s = run.s
     res = run.results
@@ -1029,7 +1052,7 @@ def build_report(run: Run, drained: dict, args) -> dict:
     lat = sorted(x[1] for x in run.latencies)
     sent = sum(v for k, v in res.items() if k != "not-sent (time limit)")
     mutation_violations = sum(v for o in run.mutation_results for k, v in o["requests"].items()
-                              if not (k.endswith(": correct") or k.endswith(": clean 4xx")))
+                              if not acceptable_change_outcome(k))
     targets = {
         "mismatches == 0": res["mismatch"] + res["aborted-mismatch"] == 0,
         "leaks == 0": res["leak"] == 0,
@@ -1038,7 +1061,7 @@ def build_report(run: Run, drained: dict, args) -> dict:
         "memory growth after warm-up < 5%": growth is not None and growth < 0.05,
         "every malformed load refused with a 4xx": all(
             isinstance(x, int) and 400 <= x < 500 for v in run.catalogue_results.values() for x in v),
-        "file changes: accepted content or clean 4xx": mutation_violations == 0,
+        "file changes: validated content or clean 4xx": mutation_violations == 0,
         "unexpected errors == 0": res["error"] == 0,
         "KV blocks in use after drain == 0": drained.get("vllm:kv_cache_usage_perc") == 0,
         "checker canary detected": bool(run.canary.get("detected")),
@@ -1125,7 +1148,9 @@ def write_markdown(rep: dict, path: Path) -> None:
         f"Malformed loads ({rep['malformed_kinds']} kinds; status per attempt):", "",
         "| kind | statuses |", "|---|---|",
         *[f"| {k} | {', '.join(str(x) for x in v)} |" for k, v in rep["malformed_catalogue"].items()], "",
-        "File changes after load (each must be served with the accepted content or refused with a 4xx):", "",
+        "File changes after load: each request must be served with validated content (the content at load, "
+        "or the new files' content once the server validated it again) or refused with a 4xx; never an outside "
+        "directory's or another adapter's output, a 5xx or a dead server:", "",
         "| change | load | outcomes | server alive |", "|---|---|---|---|",
         *[f"| {o['kind']} | {o['load_status']} | {'; '.join(f'{k} x{v}' for k, v in o['requests'].items())} | "
           f"{o.get('server_alive', '-')} |" for o in rep["file_changes"]], "",
