@@ -91,7 +91,7 @@ class Settings:
 def settings_from(args) -> Settings:
     quick = args.quick
     return Settings(
-        requests=args.requests or (300 if quick else 10_000),
+        requests=args.requests or (500 if quick else 10_000),
         max_time=args.max_time or (150.0 if quick else 4 * 3600.0),
         concurrency=args.concurrency or (8 if quick else 12),
         restarts=(args.restarts if args.restarts is not None else (0 if quick else 1)),
@@ -107,7 +107,7 @@ def settings_from(args) -> Settings:
         churn_period=3.0 if quick else 4.0,
         abort_fraction=0.03,
         min_margin=args.min_margin,
-        warmup_fraction=0.3 if quick else 0.2,
+        warmup_fraction=0.5 if quick else 0.2,
         seed=args.seed,
         serve_args=list(args.serve_arg or []),
     )
@@ -523,7 +523,7 @@ class Run:
     def new_server(self) -> ServerProcess:
         self.incarnation += 1
         env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-        return ServerProcess(self.serve_command, self.out / "logs" / f"server-{self.incarnation}.log", env,
+        return ServerProcess(self.serve_command, self.out / "logs" / "soak" / f"server-{self.incarnation}.log", env,
                              timeout=900, grace=30)
 
     # -- helpers ----------------------------------------------------------------
@@ -555,8 +555,13 @@ class Run:
     def plan(self) -> list[Job]:
         s, rng = self.s, self.rng
         models = ([BASE] * 3 + list(self.static) * 2 + list(self.runtime) * 2 + list(self.resolved))
-        jobs = []
-        for i in range(s.requests):
+        # Warm-up sweep first: every (model, prompt) once, so every adapter and prompt
+        # length has been through the engine before memory growth is measured.
+        sweep = [(m, kind, p) for m in self.served_models
+                 for kind, pool in (("cmpl", self.cmpl_ok), ("chat", self.chat_ok)) for p in pool]
+        jobs = [Job(i, kind, False, m, p, s.max_tokens) for i, (m, kind, p) in enumerate(sweep[: s.requests // 2])]
+        self.warmup_requests = len(jobs)
+        for i in range(len(jobs), s.requests):
             kind = "chat" if self.chat_ok and rng.random() < 0.3 else "cmpl"
             pool = self.chat_ok if kind == "chat" else self.cmpl_ok
             # Zipf-ish: a few hot prompts (prefix-cache hits) and a long tail.
@@ -1230,12 +1235,11 @@ def main() -> int:
     ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--model", default=str(DEMO / "model"))
     ap.add_argument("--serve-arg", action="append", help="extra `vllm serve` argument (repeatable)")
-    ap.add_argument("--work-dir", default=None, help="scratch adapters and cached references (default: OUT/soak-work)")
+    ap.add_argument("--work-dir", default=str(HERE / "work" / "soak"), help="scratch adapters and cached references")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = ap.parse_args()
-    args.work_dir = args.work_dir or str(Path(args.out) / "soak-work")
     s = settings_from(args)
     run = Run(s, args)
     run.out.mkdir(parents=True, exist_ok=True)
