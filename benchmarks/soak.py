@@ -86,6 +86,7 @@ class Settings:
     warmup_fraction: float
     seed: int
     serve_args: list[str]
+    control: bool = False  # base model only, on a server without IAPT, no faults
 
 
 def settings_from(args) -> Settings:
@@ -110,6 +111,7 @@ def settings_from(args) -> Settings:
         warmup_fraction=0.5 if quick else 0.2,
         seed=args.seed,
         serve_args=list(args.serve_arg or []),
+        control=args.control,
     )
 
 
@@ -499,6 +501,12 @@ class Run:
 
     def serve_command(self, port: int) -> list[str]:
         s = self.s
+        if s.control:  # the same engine settings IAPT forces (no chunked prefill), without IAPT
+            return vllm_serve(
+                str(self.model_dir), "--served-model-name", BASE, "--dtype", "float32", "--max-model-len",
+                str(s.max_model_len), "--seed", "0", "--no-enable-chunked-prefill", "--block-size", str(s.block_size),
+                "--num-gpu-blocks-override", str(s.kv_blocks), "--enable-prefix-caching",
+                "--enable-prompt-tokens-details", *s.serve_args, port=port)
         return vllm_serve(
             str(self.model_dir), "--served-model-name", BASE, "--dtype", "float32", "--max-model-len",
             str(s.max_model_len), "--seed", "0", "--enable-iapt", "--iapt-modules",
@@ -555,9 +563,11 @@ class Run:
     def plan(self) -> list[Job]:
         s, rng = self.s, self.rng
         models = ([BASE] * 3 + list(self.static) * 2 + list(self.runtime) * 2 + list(self.resolved))
+        if s.control:
+            models = [BASE]
         # Warm-up sweep first: every (model, prompt) once, so every adapter and prompt
         # length has been through the engine before memory growth is measured.
-        sweep = [(m, kind, p) for m in self.served_models
+        sweep = [(m, kind, p) for m in (models if s.control else self.served_models)
                  for kind, pool in (("cmpl", self.cmpl_ok), ("chat", self.chat_ok)) for p in pool]
         jobs = [Job(i, kind, False, m, p, s.max_tokens) for i, (m, kind, p) in enumerate(sweep[: s.requests // 2])]
         self.warmup_requests = len(jobs)
@@ -969,18 +979,22 @@ class Run:
             queue.put_nowait(j)
         limits = httpx.Limits(max_connections=s.concurrency + 8, max_keepalive_connections=s.concurrency + 8)
         async with httpx.AsyncClient(limits=limits) as http:
-            for name in sorted(self.runtime)[: max(1, len(self.runtime) // 2)]:
+            for name in ([] if s.control else sorted(self.runtime)):
                 status, text = await self.post(http, "/v1/load_lora_adapter",
                                                {"lora_name": name, "lora_path": str(self.runtime[name].relative_to(self.adir))})
                 if status == 200:
                     self.loaded_runtime.add(name)
                 else:
                     self.problem(what="initial load failed", model=name, status=status, detail=text)
-            await self.run_canary(http)
+            if not s.control:
+                await self.run_canary(http)
             stop = asyncio.Event()
             deadline = time.monotonic() + s.max_time
             bar = tqdm(total=len(jobs), desc="soak requests", unit="req", mininterval=1.0)
-            side = [asyncio.create_task(self.churn(http, stop)), asyncio.create_task(self.faults_task(http, stop))]
+            side = [] if s.control else [asyncio.create_task(self.churn(http, stop)),
+                                         asyncio.create_task(self.faults_task(http, stop))]
+            if s.control:
+                self.gate = None
             workers = [asyncio.create_task(self.worker(http, queue, bar, deadline)) for _ in range(s.concurrency)]
             await asyncio.gather(*workers)
             stop.set()
@@ -1095,7 +1109,11 @@ def build_report(run: Run, drained: dict, args) -> dict:
                            "waiting": drained.get("vllm:num_requests_waiting")},
         "engine": {"preemptions": preempt, "prefix_cache_hit_rate": round(hits / queries, 4) if queries else None,
                    "prefix_cached_tokens_reported_to_clients": run.prefix_cached_tokens},
-        "memory": {**mem, "max_process_growth_after_warmup": growth},
+        "memory": {**mem, "max_process_growth_after_warmup": growth,
+                   "timeline (t s, server, requests done, {process: RSS MiB})": [
+                       [row["t"], row["incarnation"], row["done"],
+                        {name: round(rss / 1024, 1) for name, rss in row["procs"].values()}]
+                       for row in run.sampler.samples[:: max(1, len(run.sampler.samples) // 400)]]},
         "pool": {"completion_prompts": len(run.cmpl_ok), "chat_prompts": len(run.chat_ok),
                  "dropped_near_ties": run.dropped_prompts, "models": run.served_models,
                  "prompts_where_every_model_differs": run.distinct_prompts,
@@ -1239,6 +1257,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    ap.add_argument("--control", action="store_true",
+                    help="control run: the base model only, served without IAPT (same engine settings), no faults")
     args = ap.parse_args()
     s = settings_from(args)
     run = Run(s, args)
