@@ -113,13 +113,16 @@ def test_files_changed_while_requests_are_queued(server, reference):
         r = server.load(name)
         assert r.status_code == 200, r.text
     client = server.client(asynchronous=True)
-    max_tokens = 64
-    jobs = [(model, random_ids(8 + 3 * i, 100 + 7 * i + k)) for i in range(3)
-            for k, model in enumerate([BASE, "sort", "rt1", "rt2", "rt3"])]
-    jobs += [("rt4", random_ids(10 + i, 200 + i)) for i in range(3)]  # last: still waiting when its snapshot goes
+    # Other tenants first (long answers keep the single sequence slot busy), then
+    # the adapters whose files change, rt4 last (still waiting when its snapshot goes).
+    jobs = [(model, random_ids(8 + 3 * i, 100 + 7 * i + k), 128) for i in range(3)
+            for k, model in enumerate([BASE, "sort"])]
+    jobs += [(model, random_ids(9 + 2 * i, 150 + 7 * i + k), 32) for i in range(3)
+             for k, model in enumerate(["rt1", "rt2", "rt3"])]
+    jobs += [("rt4", random_ids(10 + i, 200 + i), 32) for i in range(3)]
     paths = {BASE: None, "sort": server.sort, **{n: server.originals / n for n in ("rt1", "rt2", "rt3", "rt4")}}
 
-    async def one(model, ids):
+    async def one(model, ids, max_tokens):
         try:
             res = await client.completions.create(model=model, prompt=ids, max_tokens=max_tokens, **GREEDY)
             return res.choices[0].token_ids
@@ -141,7 +144,7 @@ def test_files_changed_while_requests_are_queued(server, reference):
         shutil.rmtree(server.snapshots / rt4)
 
     async def main():
-        tasks = [asyncio.create_task(one(m, ids)) for m, ids in jobs]
+        tasks = [asyncio.create_task(one(*job)) for job in jobs]
         deadline = time.monotonic() + 120
         while (_waiting_and_running(await asyncio.to_thread(server.metrics)) + sum(t.done() for t in tasks)
                < len(jobs)):
@@ -149,11 +152,14 @@ def test_files_changed_while_requests_are_queued(server, reference):
             await asyncio.sleep(0.05)
         # Every request has been accepted (validated and added to the engine).
         await asyncio.to_thread(apply_faults)
-        return await asyncio.gather(*tasks)
+        pending = {job[0] for job, task in zip(jobs, tasks) if not task.done()}
+        return pending, await asyncio.gather(*tasks)
 
-    results = asyncio.run(main())
+    pending, results = asyncio.run(main())
+    # The faults really hit adapters with requests still queued or running.
+    assert {"rt1", "rt2", "rt3", "rt4"} <= pending, pending
     failed_rt4 = 0
-    for (model, ids), got in zip(jobs, results):
+    for (model, ids, max_tokens), got in zip(jobs, results):
         expected = reference.generate(ids, paths[model], max_tokens).token_ids
         if model == "rt4" and isinstance(got, Exception):
             failed_rt4 += 1
