@@ -102,6 +102,10 @@ def fold_into_engine_args(args: argparse.Namespace, engine_args: Any) -> None:
         raise ValueError(f"additional_config['iapt'] must be a dict of IAPT options, got {current!r}")
     additional["iapt"] = {**current, **options}
     engine_args.additional_config = additional
+    # Also on the namespace: with --api-server-count > 1, vLLM hands this namespace
+    # to API-server processes that build their engine args before any plugin (so
+    # before this fold) is loaded there; the dataclass field reaches them as is.
+    args.additional_config = additional
     if adapter_dir is not None:
         if not os.path.isdir(adapter_dir):
             raise ValueError(f"--iapt-adapter-dir {adapter_dir!r} is not a directory")
