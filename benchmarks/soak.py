@@ -1063,6 +1063,23 @@ def build_report(run: Run, drained: dict, args) -> dict:
     judged = [m for m in mem["incarnations"] if m["judged"]]
     growth = max((max([p["growth_after_warmup"] or 0 for p in m["processes"].values()] + [0]) for m in judged),
                  default=None)
+
+    def growth_of(kind: str) -> float | None:
+        vals = [p["growth_after_warmup"] or 0 for m in judged for name, p in m["processes"].items()
+                if (name.startswith("Worker")) == (kind == "worker")]
+        return max(vals) if vals else None
+
+    front_growth, worker_growth = growth_of("front"), growth_of("worker")
+    control = None
+    if args.control_json:
+        c = json.loads(Path(args.control_json).read_text())
+        cw = [p["growth_after_warmup"] for m in c["memory"]["incarnations"] if m["judged"]
+              for name, p in m["processes"].items() if name.startswith("Worker")]
+        control = {"report": args.control_json, "command": c["command"], "requests": c["requests"]["sent"],
+                   "worker_growth_after_warmup": max(cw) if cw else None,
+                   "worker_rss_mib": [(p["rss_start_mib"], p["rss_after_warmup_mib"], p["rss_end_mib"])
+                                      for m in c["memory"]["incarnations"] for name, p in m["processes"].items()
+                                      if name.startswith("Worker")]}
     faults = {k: dict(v) for k, v in sorted(run.faults.items())}
     kv_blocks = drained.get("vllm:kv_cache_usage_perc", float("nan")) * drained.get("num_gpu_blocks", float("nan"))
     preempt = sum(m.get("vllm:num_preemptions_total", 0) for m in run.metrics_by_incarnation)
@@ -1077,7 +1094,8 @@ def build_report(run: Run, drained: dict, args) -> dict:
         "leaks == 0": res["leak"] == 0,
         "5xx == 0": five == 0,
         "server deaths == 0": len(run.deaths) == 0,
-        "memory growth after warm-up < 5%": growth is not None and growth < 0.05,
+        "memory growth after warm-up < 5%: API server, engine core": front_growth is not None and front_growth < 0.05,
+        "memory growth after warm-up < 5%: worker": worker_growth is not None and worker_growth < 0.05,
         "every malformed load refused with a 4xx": all(
             isinstance(x, int) and 400 <= x < 500 for v in run.catalogue_results.values() for x in v),
         "file changes: validated content or clean 4xx": mutation_violations == 0,
@@ -1109,7 +1127,8 @@ def build_report(run: Run, drained: dict, args) -> dict:
                            "waiting": drained.get("vllm:num_requests_waiting")},
         "engine": {"preemptions": preempt, "prefix_cache_hit_rate": round(hits / queries, 4) if queries else None,
                    "prefix_cached_tokens_reported_to_clients": run.prefix_cached_tokens},
-        "memory": {**mem, "max_process_growth_after_warmup": growth,
+        "memory": {**mem, "max_process_growth_after_warmup": growth, "worker_growth_after_warmup": worker_growth,
+                   "front_growth_after_warmup": front_growth, "control (no IAPT)": control,
                    "timeline (t s, server, requests done, {process: RSS MiB})": [
                        [row["t"], row["incarnation"], row["done"],
                         {name: round(rss / 1024, 1) for name, rss in row["procs"].values()}]
@@ -1193,6 +1212,13 @@ def write_markdown(rep: dict, path: Path) -> None:
             lines.append(f"| {m['incarnation']} ({m['requests_served']} req{'' if m['judged'] else ', not judged'}) | "
                          f"{name} | {p['rss_start_mib']} | {p['rss_after_warmup_mib']} | {p['rss_end_mib']} | "
                          f"{'-' if g is None else f'{100 * g:.2f}%'} |")
+    c = rep["memory"].get("control (no IAPT)")
+    if c:
+        lines += ["", f"Control run without IAPT (the base model only, same engine settings and traffic shape, "
+                  f"no faults; `{c['command']}`, {c['requests']} requests): worker RSS start / after warm-up / end "
+                  f"{' ; '.join(' / '.join(str(x) for x in w) for w in c['worker_rss_mib'])} MiB, growth after warm-up "
+                  f"{100 * c['worker_growth_after_warmup']:.2f}%. The worker's growth is vLLM's own (CPU build) "
+                  "unless the IAPT run's is clearly larger."]
     lines += ["", "![latency and memory](soak.png)", ""]
     if rep["problems (first 50)"]:
         lines += ["## Problems (first 50)", "", "```"]
@@ -1257,6 +1283,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    ap.add_argument("--control-json", help="a --control run's soak.json, to compare the worker's memory with")
     ap.add_argument("--control", action="store_true",
                     help="control run: the base model only, served without IAPT (same engine settings), no faults")
     args = ap.parse_args()
