@@ -1040,6 +1040,7 @@ def memory_summary(samples: list[dict], warmup_fraction: float, total_requests: 
         tw = sum(v[1] for p, v in warm["procs"].items() if p in last["procs"])
         te = sum(v[1] for p, v in last["procs"].items() if p in warm["procs"])
         out.append({"incarnation": inc, "requests_served": served, "seconds": round(last["t"] - first["t"], 1),
+                    "warmup_requests": warm["done"] - first["done"],
                     "processes": procs, "total_growth_after_warmup": round((te - tw) / tw, 4) if tw else None,
                     "judged": served >= 0.25 * total_requests})
     return {"incarnations": out}
@@ -1075,7 +1076,25 @@ def build_report(run: Run, drained: dict, args) -> dict:
         c = json.loads(Path(args.control_json).read_text())
         cw = [p["growth_after_warmup"] for m in c["memory"]["incarnations"] if m["judged"]
               for name, p in m["processes"].items() if name.startswith("Worker")]
+        timeline = [(row[2], row[3]["Worker"]) for row in c["memory"]["timeline (t s, server, requests done, {process: RSS MiB})"]
+                    if row[1] == 1 and "Worker" in row[3]]
+
+        def at(n: int) -> float:  # the control worker's RSS after n requests (linear interpolation)
+            for (n0, r0), (n1, r1) in zip(timeline, timeline[1:]):
+                if n0 <= n <= n1:
+                    return r0 + (r1 - r0) * (n - n0) / max(1, n1 - n0)
+            return timeline[-1][1]
+
+        windows = []
+        for m in judged:
+            w = next((p for name, p in m["processes"].items() if name.startswith("Worker")), None)
+            if w and w["growth_after_warmup"] is not None and m["requests_served"] <= timeline[-1][0]:
+                cg = at(m["requests_served"]) / at(m["warmup_requests"]) - 1
+                windows.append({"server": m["incarnation"], "requests": [m["warmup_requests"], m["requests_served"]],
+                                "iapt_worker_growth": w["growth_after_warmup"], "control_worker_growth": round(cg, 4),
+                                "excess": round(w["growth_after_warmup"] - cg, 4)})
         control = {"report": args.control_json, "command": c["command"], "requests": c["requests"]["sent"],
+                   "same_window": windows, "max_excess": max((x["excess"] for x in windows), default=None),
                    "worker_growth_after_warmup": max(cw) if cw else None,
                    "worker_rss_mib": [(p["rss_start_mib"], p["rss_after_warmup_mib"], p["rss_end_mib"])
                                       for m in c["memory"]["incarnations"] for name, p in m["processes"].items()
@@ -1096,6 +1115,8 @@ def build_report(run: Run, drained: dict, args) -> dict:
         "server deaths == 0": len(run.deaths) == 0,
         "memory growth after warm-up < 5%: API server, engine core": front_growth is not None and front_growth < 0.05,
         "memory growth after warm-up < 5%: worker": worker_growth is not None and worker_growth < 0.05,
+        **({"worker growth beyond vLLM's own (control, same requests) < 5 points":
+            control["max_excess"] is not None and control["max_excess"] < 0.05} if control else {}),
         "every malformed load refused with a 4xx": all(
             isinstance(x, int) and 400 <= x < 500 for v in run.catalogue_results.values() for x in v),
         "file changes: validated content or clean 4xx": mutation_violations == 0,
@@ -1217,8 +1238,13 @@ def write_markdown(rep: dict, path: Path) -> None:
         lines += ["", f"Control run without IAPT (the base model only, same engine settings and traffic shape, "
                   f"no faults; `{c['command']}`, {c['requests']} requests): worker RSS start / after warm-up / end "
                   f"{' ; '.join(' / '.join(str(x) for x in w) for w in c['worker_rss_mib'])} MiB, growth after warm-up "
-                  f"{100 * c['worker_growth_after_warmup']:.2f}%. The worker's growth is vLLM's own (CPU build) "
-                  "unless the IAPT run's is clearly larger."]
+                  f"{100 * c['worker_growth_after_warmup']:.2f}% (after its first 20%). Over the same request "
+                  "windows as each server above (the control worker's RSS after as many requests as that server's "
+                  "warm-up and as its end):", "",
+                  "| server | requests (warm-up..end) | worker growth, IAPT | worker growth, control | excess |",
+                  "|---|---|---|---|---|",
+                  *[f"| {w['server']} | {w['requests'][0]}..{w['requests'][1]} | {100 * w['iapt_worker_growth']:.2f}% | "
+                    f"{100 * w['control_worker_growth']:.2f}% | {100 * w['excess']:+.2f} points |" for w in c["same_window"]]]
     lines += ["", "![latency and memory](soak.png)", ""]
     if rep["problems (first 50)"]:
         lines += ["## Problems (first 50)", "", "```"]
