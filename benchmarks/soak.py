@@ -1087,7 +1087,8 @@ def build_report(run: Run, drained: dict, args) -> dict:
         cw = [p["growth_after_warmup"] for m in c["memory"]["incarnations"] if m["judged"]
               for name, p in m["processes"].items() if name.startswith("Worker")]
         timeline = [(row[2], row[3]["Worker"][-1] if isinstance(row[3]["Worker"], list) else row[3]["Worker"])
-                    for row in c["memory"][TIMELINE] if row[1] == 1 and "Worker" in row[3]]
+                    for row in next(v for k, v in c["memory"].items() if k.startswith("timeline"))
+                    if row[1] == 1 and "Worker" in row[3]]
 
         def at(n: int) -> float:  # the control worker's RSS after n requests (linear interpolation)
             for (n0, r0), (n1, r1) in zip(timeline, timeline[1:]):
