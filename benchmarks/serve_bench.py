@@ -6,9 +6,9 @@
 
 One run starts each server in turn on the same base model and engine settings:
 the base model (vLLM defaults: compiled, chunked prefill), the base model with the
-settings LoRA forces on CPU (eager) and with the settings IAPT forces (eager, no
-chunked prefill), IAPT with 64 adapters loaded, and multi-LoRA with 64 adapters of a
-parameter-matched rank and of ranks 8 and 16. Every server gets the same random
+settings LoRA forces on CPU (eager) and with the settings IAPT forces (no chunked
+prefill; IAPT keeps compilation), IAPT with 64 adapters loaded, and multi-LoRA with
+64 adapters of a parameter-matched rank and of ranks 8 and 16. Every server gets the same random
 prompts (fixed seed) and output lengths; adapter requests are spread round-robin
 over the first N adapters. Results: JSON, a Markdown table of absolute numbers and
 ratios to the base model measured in the same run, and PNG plots.
@@ -73,8 +73,8 @@ def systems(model_dir: Path, work: Path, size, quick: bool, slots: int, bottlene
     out = [
         System("base", [], note="vLLM defaults (compiled, chunked prefill)"),
         System("base-eager", ["--enforce-eager"], note="what LoRA forces on CPU: eager"),
-        System("base-eager-nochunk", ["--enforce-eager", "--no-enable-chunked-prefill"],
-               note="what IAPT forces: eager, no chunked prefill"),
+        System("base-nochunk", ["--no-enable-chunked-prefill"],
+               note="what IAPT forces: no chunked prefill (compiled, as IAPT)"),
         System("iapt", ["--enable-iapt", "--max-iapt-adapters", str(slots),
                         "--max-cpu-iapt-adapters", str(max(n_max, slots)), "--iapt-modules",
                         *[f"{p.name}={p}" for p in iapt]], [p.name for p in iapt],
