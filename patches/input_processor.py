@@ -36,11 +36,7 @@ def _state(self: InputProcessor):
     state = getattr(self, "_iapt_state", None)
     if state is None:
         cfg = IAPTEngineConfig.from_additional_config(self.vllm_config.additional_config)
-        catalog = None
-        if cfg is not None:
-            text = self.vllm_config.model_config.hf_text_config
-            catalog = frontend.AdapterCatalog(text.hidden_size, text.num_hidden_layers,
-                                              self.vllm_config.cache_config.block_size)
+        catalog = frontend.AdapterCatalog.for_engine(self.vllm_config, cfg) if cfg is not None else None
         state = self._iapt_state = (cfg, catalog)
     return state
 

@@ -74,14 +74,38 @@ async def _load(self: OpenAIServingModels, request: LoadLoRAAdapterRequest, base
         except ValueError as e:  # AdapterError included: the message names the adapter
             return _bad_request(str(e))
         previous = self.lora_requests.get(name)
+        if runtime and previous is None:
+            error = _make_room(self, name)
+            if error is not None:
+                return error
         lora_request = LoRARequest(lora_name=name, lora_int_id=previous.lora_int_id if previous else
                                    self.lora_id_counter.inc(1), lora_path=path, load_inplace=request.load_inplace)
         if base_model_name is not None and self.is_base_model(base_model_name):
             lora_request.base_model_name = base_model_name
         self.lora_requests[name] = lora_request
+        if runtime:
+            self.iapt.track_runtime(name, resolved=False)
         logger.info("IAPT adapter %r loaded from %s (%d soft tokens, content %s)", name, path,
                     info.num_soft_tokens, info.content_hash[:16])
         return f"Success: IAPT adapter '{name}' added successfully."
+
+
+def _make_room(self: OpenAIServingModels, name: str) -> ErrorResponse | None:
+    """Keeps run-time adapters within ``max_runtime_adapters``: unregisters the
+    least recently used resolver-loaded adapter (the resolver loads it again when
+    it is next asked for), or refuses with a 400 when all are explicit loads.
+    Requests already running with an unregistered adapter complete."""
+    evicted = self.iapt.evict_for(name)
+    if evicted is False:
+        return _bad_request(
+            f"IAPT adapter {name!r}: the server already has max_runtime_adapters={self.iapt.max_runtime} "
+            "adapters loaded at run time; unload one first (/v1/unload_lora_adapter) or raise "
+            "--max-runtime-iapt-adapters")
+    if evicted:
+        self.lora_requests.pop(evicted, None)
+        logger.info("IAPT adapter %r unregistered to make room for %r (max_runtime_adapters=%d; it is loaded "
+                    "again by the resolver when asked for)", evicted, name, self.iapt.max_runtime)
+    return None
 
 
 def apply() -> None:
@@ -102,7 +126,7 @@ def apply() -> None:
         if cfg is not None:
             # The input processor's catalog: adapters validated here are not validated again per request.
             _, catalog = input_processor._state(engine_client.input_processor)
-            self.iapt = IAPTServing(catalog, adapter_dir)
+            self.iapt = IAPTServing(catalog, adapter_dir, cfg.max_runtime_adapters)
             self.lora_resolvers = [r for r in self.lora_resolvers if isinstance(r, IAPTDirectoryResolver)]
 
     async def init_static_loras(self):
@@ -126,6 +150,7 @@ def apply() -> None:
     async def unload_lora_adapter(self, request):
         result = await original_unload(self, request)
         if self.iapt is not None and not isinstance(result, ErrorResponse):
+            self.iapt.untrack_runtime(request.lora_name)
             logger.info("IAPT adapter %r unloaded (requests already running with it complete)", request.lora_name)
         return result
 
@@ -146,8 +171,12 @@ def apply() -> None:
                 except ValueError as e:
                     problem = problem or str(e)
                     continue
+                error = _make_room(self, lora_name)
+                if error is not None:
+                    return error
                 lora_request = LoRARequest(lora_name=lora_name, lora_int_id=self.lora_id_counter.inc(1), lora_path=path)
                 self.lora_requests[lora_name] = lora_request
+                self.iapt.track_runtime(lora_name, resolved=True)
                 logger.info("IAPT adapter %r resolved and loaded from %s (%d soft tokens, content %s)", lora_name,
                             path, info.num_soft_tokens, info.content_hash[:16])
                 return lora_request
@@ -171,6 +200,8 @@ def apply() -> None:
             lora_request = kwargs.get("lora_request", args[1] if len(args) > 1 else None)
             metrics.count_request(self.vllm_config.model_config.served_model_name,
                                   lora_request.lora_name if lora_request is not None else None)
+            if lora_request is not None:
+                IAPTServing.touch(lora_request.lora_name)
         return collector
 
     OpenAIServingModels.__init__ = __init__

@@ -133,8 +133,12 @@ def test_missing_tensor(good):
 
 
 def test_extra_tensor(good):
+    # A file larger than its config implies is refused before its data is read.
     edit_tensors(good, lambda t: t.__setitem__("layers.1.lora_A", torch.zeros(2)))
-    expect(good, r"unexpected tensors \['layers.1.lora_A'\]")
+    expect(good, r"more than its config's tensor shapes and its header imply")
+    # Same size as expected (a tensor swapped for an unexpected one): named.
+    edit_tensors(good, lambda t: (t.__setitem__("layers.1.lora_A", t.pop("layers.1.down.bias"))))
+    expect(good, r"unexpected tensors \['layers.1.lora_A'\]|missing tensors")
 
 
 def test_misshapen_tensor(good):

@@ -110,6 +110,24 @@ class IAPTEngineConfig(BaseModel):
     max_cpu_adapters: int = Field(
         32, ge=1,
         description="validated adapters kept in CPU memory (LRU), so a device miss does not read the disk")
+    max_cpu_adapter_bytes: int = Field(
+        1 << 30, ge=1,
+        description="bytes of adapter weights kept in CPU memory by each worker (LRU, on top of the "
+        "max_cpu_adapters count); an adapter larger than this is used for its step and not kept")
+    max_runtime_adapters: int = Field(
+        64, ge=0,
+        description="adapters registered at run time (/v1/load_lora_adapter or the resolver) per API "
+        "server, start-up adapters not counted. Past it, the least recently used resolver-loaded adapter is "
+        "unregistered (the resolver loads it again on its next request); if there is none, the load is "
+        "refused with HTTP 400")
+    snapshot_dir: str | None = Field(
+        None,
+        description="directory of the content-addressed adapter snapshots that workers load from "
+        "(default: <tmp>/vllm-iapt-snapshots-<uid>); must be private to the server's user")
+    max_snapshot_bytes: int = Field(
+        2 << 30, ge=1,
+        description="bytes the snapshot directory may hold; the least recently used snapshots not used in "
+        "the last 10 minutes are deleted to make room, and an adapter that still does not fit is refused")
     placeholder_token_id: int = Field(
         0, ge=0, description="token id written into the soft slots; any id works (layer 0 replaces it)")
     allow_unchecked_vllm: bool = Field(

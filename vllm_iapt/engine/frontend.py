@@ -10,6 +10,7 @@ to the user's prompt before anybody sees them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -17,7 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_iapt.adapter import AdapterError, load_adapter
+from vllm_iapt.adapter import AdapterError, read_adapter
+from vllm_iapt.engine.snapshots import SnapshotStore
 
 #: Key of our entry in ``SamplingParams.extra_args``.
 EXTRA_ARGS_KEY = "iapt"
@@ -28,9 +30,10 @@ class AdapterInfo:
     """What the front end keeps of a validated adapter (no weights)."""
 
     name: str
-    path: str
+    path: str  # the user's path (for messages and logs)
     num_soft_tokens: int
     content_hash: str
+    snapshot: str  # the validated bytes, where the worker loads them from
 
 
 class AdapterCatalog:
@@ -38,17 +41,36 @@ class AdapterCatalog:
 
     Every adapter is fully validated (config and every tensor, against the base
     model) the first time a request names it, so a bad adapter fails that
-    request here, before it can reach the engine. A file that changes on disk is
-    validated again.
+    request here, before it can reach the engine; the validated bytes are written
+    to a content-addressed snapshot (:mod:`vllm_iapt.engine.snapshots`), which is
+    all the worker ever reads. A file that changes on disk is validated again (a
+    new snapshot for new content). Paths registered with :meth:`confine` are read
+    only inside their root, checked on every read.
     """
 
-    def __init__(self, hidden_size: int, num_hidden_layers: int, block_size: int, capacity: int = 256) -> None:
+    def __init__(self, hidden_size: int, num_hidden_layers: int, block_size: int, store: SnapshotStore,
+                 capacity: int = 256) -> None:
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.block_size = block_size
+        self.store = store
         self.capacity = capacity
         self._cache: OrderedDict[tuple, AdapterInfo] = OrderedDict()
+        self._roots: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_engine(cls, vllm_config, cfg) -> "AdapterCatalog":
+        text = vllm_config.model_config.hf_text_config
+        return cls(text.hidden_size, text.num_hidden_layers, vllm_config.cache_config.block_size,
+                   SnapshotStore(cfg.snapshot_dir, cfg.max_snapshot_bytes))
+
+    def confine(self, path: str, root: str) -> None:
+        """Reads of ``path`` (a run-time adapter) must stay inside ``root``."""
+        with self._lock:
+            self._roots[path] = os.path.realpath(root)
+            if len(self._roots) > 4 * self.capacity:
+                self._roots.pop(next(iter(self._roots)))
 
     @staticmethod
     def _stamp(path: str) -> tuple:
@@ -56,7 +78,7 @@ class AdapterCatalog:
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             try:
                 st = os.stat(os.path.join(path, f))
-                out.append((st.st_mtime_ns, st.st_size))
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino, os.path.realpath(os.path.join(path, f))))
             except OSError:
                 out.append(None)
         return tuple(out)
@@ -67,14 +89,19 @@ class AdapterCatalog:
             info = self._cache.get(key)
             if info is not None:
                 self._cache.move_to_end(key)
-                return info
-        adapter = load_adapter(path, name=name, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers)
+            root = self._roots.get(path)
+        if info is not None and self.store.exists(info.snapshot):
+            self.store.touch(info.snapshot)
+            return info if info.name == name else dataclasses.replace(info, name=name)
+        adapter, weights = read_adapter(path, name=name, hidden_size=self.hidden_size,
+                                        num_hidden_layers=self.num_hidden_layers, root=root)
         m = adapter.num_soft_tokens
         if m > self.block_size:
             # Prefix-cache hits are whole blocks; soft slots spanning two blocks
             # could be half cached, and generators cannot run on half a prompt.
             raise AdapterError(name, f"num_soft_tokens {m} exceeds the KV cache block size {self.block_size}")
-        info = AdapterInfo(name, path, m, adapter.content_hash)
+        snapshot = self.store.put(adapter, weights)
+        info = AdapterInfo(name, path, m, adapter.content_hash, snapshot)
         with self._lock:
             self._cache[key] = info
             while len(self._cache) > self.capacity:
@@ -124,7 +151,8 @@ def with_soft_slots(
 
 def extra_args(info: AdapterInfo) -> dict[str, Any]:
     """What the worker needs to find the adapter and the slots."""
-    return {"m": info.num_soft_tokens, "content_hash": info.content_hash, "name": info.name, "path": info.path}
+    return {"m": info.num_soft_tokens, "content_hash": info.content_hash, "name": info.name,
+            "path": info.snapshot, "source": info.path}
 
 
 def soft_token_count(sampling_params: Any) -> int:

@@ -66,11 +66,14 @@ def build_plan(
     """``lora_ids``, ``num_computed``, ``num_prompt_tokens`` and ``num_scheduled``
     are per request in batch order (the order of the rows); ``num_prompt_tokens``
     counts the soft slots. ``sampling_params_of(req_id)`` gives a request's params."""
+    if manager.failed_hashes:
+        _fail_cache_hits_of_failed_adapters(manager, req_ids, lora_ids, num_computed, num_prompt_tokens,
+                                            sampling_params_of)
     starting = np.flatnonzero((lora_ids > 0) & (num_computed == 0))
     if starting.size == 0:
         return None
     row_start = np.cumsum(num_scheduled) - num_scheduled
-    by_adapter: dict[str, tuple[dict, list[np.ndarray], list[np.ndarray], list[int]]] = {}
+    by_adapter: dict[str, tuple[dict, list[np.ndarray], list[np.ndarray], list[int], list[str]]] = {}
     for i in starting.tolist():
         extra = (sampling_params_of(req_ids[i]).extra_args or {}).get(EXTRA_ARGS_KEY)
         if extra is None:
@@ -80,13 +83,19 @@ def build_plan(
             raise RuntimeError(
                 f"IAPT request {req_ids[i]} was scheduled with {num_scheduled[i]} of its {prompt_len} prompt "
                 "rows: IAPT prompts must never be prefilled in chunks (is chunked prefill on?)")
-        entry = by_adapter.setdefault(extra["content_hash"], (extra, [], [], []))
+        entry = by_adapter.setdefault(extra["content_hash"], (extra, [], [], [], []))
         entry[1].append(np.arange(start, start + m))
         entry[2].append(np.arange(start + m, start + prompt_len))
         entry[3].append(prompt_len - m)
+        entry[4].append(req_ids[i])
     groups = []
-    for content_hash, (extra, soft, instr, lengths) in by_adapter.items():
-        weights = manager.get(content_hash, extra["name"], extra["path"])
+    for content_hash, (extra, soft, instr, lengths, group_req_ids) in by_adapter.items():
+        try:
+            weights = manager.get(content_hash, extra["name"], extra["path"])
+        except Exception as e:  # noqa: BLE001 - fails this adapter's requests only (patches/request_failures.py)
+            reason = _reason(extra, e)
+            manager.record_failures({r: reason for r in group_req_ids}, content_hash)
+            continue
         cu = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=cu[1:])
         groups.append(AdapterGroup(
@@ -98,3 +107,21 @@ def build_plan(
         ))
     manager.trim()
     return StepPlan(groups) if groups else None
+
+
+def _reason(extra: dict, error: Exception) -> str:
+    source = extra.get("source") or extra.get("path")
+    text = str(error)
+    if not text.startswith("IAPT adapter"):
+        text = f"IAPT adapter {extra.get('name')!r}: {type(error).__name__}: {text}"
+    return f"{text} (adapter from {source!r}); the request was not run"
+
+
+def _fail_cache_hits_of_failed_adapters(manager, req_ids, lora_ids, num_computed, num_prompt_tokens,
+                                        sampling_params_of) -> None:
+    """Requests that finish a prefill on cached blocks of an adapter whose load just
+    failed could have hit blocks whose soft rows were never written: fail them too."""
+    for i in np.flatnonzero((lora_ids > 0) & (num_computed > 0) & (num_computed < num_prompt_tokens)).tolist():
+        extra = (sampling_params_of(req_ids[i]).extra_args or {}).get(EXTRA_ARGS_KEY)
+        if extra is not None and extra["content_hash"] in manager.failed_hashes:
+            manager.record_failures({req_ids[i]: manager.failed_hashes[extra["content_hash"]]})

@@ -60,6 +60,7 @@ def config_of(vllm_config: "VllmConfig") -> IAPTEngineConfig | None:
 
 def prepare_engine_args(args: "EngineArgs", cfg: IAPTEngineConfig) -> None:
     """Checks and sets the engine arguments before vLLM builds its config."""
+    _check_patches()
     version = vllm_version()
     if version not in CHECKED_VLLM_VERSIONS and not (cfg.allow_unchecked_vllm or os.environ.get(ALLOW_UNCHECKED_ENV)):
         raise ValueError(
@@ -77,6 +78,15 @@ def prepare_engine_args(args: "EngineArgs", cfg: IAPTEngineConfig) -> None:
     if args.speculative_config:
         raise ValueError("speculative decoding is not supported with IAPT (draft models have no soft tokens)")
     args.enable_chunked_prefill = False
+
+
+def _check_patches() -> None:
+    """Refuses IAPT when any of vllm-iapt's patches failed to apply in this
+    process (a vLLM whose internals moved): ``vllm_iapt.patches.PatchError``
+    names the vLLM version and the failed patch modules."""
+    from vllm_iapt.patches import check_patches
+
+    check_patches()
 
 
 def v2_runner_blockers(vllm_config: "VllmConfig") -> list[str]:
@@ -97,6 +107,7 @@ def check_and_adjust(vllm_config: "VllmConfig", cfg: IAPTEngineConfig) -> None:
 
     from vllm_iapt.engine.layers import SPLITTING_OP
 
+    _check_patches()
     model, sched, parallel = vllm_config.model_config, vllm_config.scheduler_config, vllm_config.parallel_config
     checked_architecture(getattr(model.hf_config, "architectures", None))
     if vllm_config.use_v2_model_runner:

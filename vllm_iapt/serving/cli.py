@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,9 @@ from vllm_iapt.config import IAPTEngineConfig
 
 #: Flag names that follow vLLM's ``--max-loras`` / ``--max-cpu-loras`` style;
 #: every other engine option ``foo_bar`` is ``--iapt-foo-bar``.
-_FLAG_NAMES = {"max_adapters": "--max-iapt-adapters", "max_cpu_adapters": "--max-cpu-iapt-adapters"}
+_FLAG_NAMES = {"max_adapters": "--max-iapt-adapters", "max_cpu_adapters": "--max-cpu-iapt-adapters",
+               "max_runtime_adapters": "--max-runtime-iapt-adapters",
+               "max_cpu_adapter_bytes": "--max-cpu-iapt-adapter-bytes"}
 _DEST_PREFIX = "iapt_opt_"
 
 
@@ -65,7 +68,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         if field.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = field.annotation
+            # ``X | None`` takes an X.
+            args_of = [a for a in typing.get_args(field.annotation) if a is not type(None)]
+            kwargs["type"] = args_of[0] if args_of else field.annotation
             kwargs["metavar"] = name.upper()
         help_text = (field.description or name).replace("%", "%%")
         # argparse shows "(default: None)": unset means the engine default below,
@@ -97,6 +102,10 @@ def fold_into_engine_args(args: argparse.Namespace, engine_args: Any) -> None:
         raise ValueError(f"additional_config['iapt'] must be a dict of IAPT options, got {current!r}")
     additional["iapt"] = {**current, **options}
     engine_args.additional_config = additional
+    # Also on the namespace: with --api-server-count > 1, vLLM hands this namespace
+    # to API-server processes that build their engine args before any plugin (so
+    # before this fold) is loaded there; the dataclass field reaches them as is.
+    args.additional_config = additional
     if adapter_dir is not None:
         if not os.path.isdir(adapter_dir):
             raise ValueError(f"--iapt-adapter-dir {adapter_dir!r} is not a directory")

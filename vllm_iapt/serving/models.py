@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import re
+from collections import OrderedDict
 
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
@@ -45,9 +46,41 @@ def _inside(path: str, root: str) -> bool:
 class IAPTServing:
     """What the OpenAI server needs to load IAPT adapters (one per API server)."""
 
-    def __init__(self, catalog: AdapterCatalog, adapter_dir: str | None) -> None:
+    #: The instances of this process (one per OpenAI server), for :meth:`touch`.
+    _instances: "list[IAPTServing]" = []
+
+    def __init__(self, catalog: AdapterCatalog, adapter_dir: str | None, max_runtime: int = 64) -> None:
         self.catalog = catalog
         self.adapter_dir = os.path.realpath(adapter_dir) if adapter_dir else None
+        self.max_runtime = max_runtime
+        #: run-time adapter name -> loaded by the resolver (True) or explicitly; least recently used first
+        self.runtime: OrderedDict[str, bool] = OrderedDict()
+        IAPTServing._instances.append(self)
+
+    def track_runtime(self, name: str, resolved: bool) -> None:
+        self.runtime[name] = resolved
+        self.runtime.move_to_end(name)
+
+    def untrack_runtime(self, name: str) -> None:
+        self.runtime.pop(name, None)
+
+    @classmethod
+    def touch(cls, name: str) -> None:
+        """A request used ``name``: it is now the most recently used."""
+        for serving in cls._instances:
+            if name in serving.runtime:
+                serving.runtime.move_to_end(name)
+
+    def evict_for(self, name: str) -> str | None | bool:
+        """Room for one more run-time adapter: None if there is room, the name of
+        the resolver-loaded adapter to unregister, or False if none can go."""
+        if name in self.runtime or len(self.runtime) < self.max_runtime:
+            return None
+        victim = next((n for n, resolved in self.runtime.items() if resolved), None)
+        if victim is None:
+            return False
+        del self.runtime[victim]
+        return victim
 
     def runtime_path(self, name: str, path: str) -> str:
         """The real path of a run-time adapter, or a ValueError if it is not
@@ -62,6 +95,7 @@ class IAPTServing:
         files = [os.path.realpath(os.path.join(real, f)) for f in (CONFIG_NAME, WEIGHTS_NAME)]
         if not _inside(real, root) or not all(_inside(f, root) for f in files):
             raise ValueError(f"IAPT adapter {name!r}: path {path!r} is outside the adapter directory")
+        self.catalog.confine(real, root)  # and every later read of it is checked again
         return real
 
     async def validate(self, name: str, path: str) -> AdapterInfo:

@@ -36,7 +36,8 @@ class ServerProcess:
     """
 
     def __init__(self, command, log_path: Path, env: dict[str, str] | None = None, timeout: float = 600,
-                 grace: float = 60) -> None:
+                 grace: float = 60, api_key: str | None = None) -> None:
+        self.api_key = api_key  # sent while waiting for the server (a server started with --api-key)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd: list[str] = command(self.port)
@@ -58,7 +59,9 @@ class ServerProcess:
                 self.stop()
                 raise TimeoutError(f"server did not answer within {self.timeout}s:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as r:
+                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+                request = urllib.request.Request(self.url + "/v1/models", headers=headers)
+                with urllib.request.urlopen(request, timeout=5) as r:
                     if r.status == 200:
                         return self
             except OSError:
@@ -88,5 +91,6 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        with urllib.request.urlopen(urllib.request.Request(self.url + "/metrics", headers=headers), timeout=5) as r:
             return r.read().decode()

@@ -1,0 +1,246 @@
+"""Faults through a real `vllm serve --enable-iapt`, spoken to with the `openai` client.
+
+One server (run-time loading, --api-key, a small run-time adapter limit, few
+concurrent sequences so that requests queue) is shared by the fault, key, limit
+and metrics tests; a second one runs two API servers. Answers are compared token
+for token with the transformers reference model, as in tests/test_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import random_ids
+from test_server import BASE, GREEDY, serve_command
+from vllm_iapt.serving.process import ServerProcess
+from vllm_iapt.toy import random_adapter
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(1200)]
+
+KEY = "test-secret-key"
+KW = {"hidden_size": 128, "num_hidden_layers": 2}
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+class Server:
+    def __init__(self, proc: ServerProcess, root: Path, originals: Path, snapshots: Path, sort: Path) -> None:
+        self.proc, self.url, self.root, self.originals, self.snapshots, self.sort = (
+            proc, proc.url, root, originals, snapshots, sort)
+
+    def client(self, key: str | None = KEY, asynchronous: bool = False):
+        from openai import AsyncOpenAI, OpenAI
+
+        cls = AsyncOpenAI if asynchronous else OpenAI
+        return cls(base_url=self.url + "/v1", api_key=key or "wrong", max_retries=0, timeout=600)
+
+    def post(self, route: str, body: dict, key: str | None = KEY) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(self.url + route, json=body, headers=headers, timeout=300)
+
+    def load(self, name: str, path: str | None = None) -> httpx.Response:
+        return self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path or name})
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", headers=AUTH, timeout=60).text
+
+    def log_text(self) -> str:
+        return self.proc.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapter_factory, tmp_path_factory):
+    sort = adapter_factory("faults-sort", num_soft_tokens=4, seed=31)
+    root = tmp_path_factory.mktemp("fault-adapters")
+    originals = tmp_path_factory.mktemp("fault-originals")  # what each adapter was when loaded
+    for i, name in enumerate(["rt1", "rt2", "rt3", "rt4"]):
+        random_adapter(root / name, seed=40 + i, num_soft_tokens=2 + i, **KW)
+        shutil.copytree(root / name, originals / name)
+    for i in range(8):
+        random_adapter(root / f"extra{i}", seed=60 + i, **KW)
+    snapshots = tmp_path_factory.mktemp("fault-snapshots")
+    os.chmod(snapshots, 0o700)
+    log = tmp_path_factory.mktemp("fault-log") / "server.log"
+    cmd = lambda port: serve_command(  # noqa: E731
+        tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"sort={sort}", "--iapt-adapter-dir", str(root),
+        "--max-runtime-iapt-adapters", "6", "--iapt-snapshot-dir", str(snapshots), "--api-key", KEY,
+        "--max-num-seqs", "2")
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with ServerProcess(cmd, log, env, api_key=KEY) as proc:
+        yield Server(proc, root, originals, snapshots, sort)
+
+
+def test_api_key_protects_iapt_routes(server, tmp_path):
+    from openai import AuthenticationError
+
+    for key in (None, "wrong"):
+        assert server.post("/v1/load_lora_adapter", {"lora_name": "extra0", "lora_path": "extra0"},
+                           key=key).status_code == 401
+        assert server.post("/v1/unload_lora_adapter", {"lora_name": "sort"}, key=key).status_code == 401
+        r = server.post("/v1/completions", {"model": "sort", "prompt": [1, 5, 6], "max_tokens": 2}, key=key)
+        assert r.status_code == 401, r.text
+        with pytest.raises(AuthenticationError):
+            server.client(key).completions.create(model="sort", prompt=[1, 5, 6], max_tokens=2)
+        with pytest.raises(AuthenticationError):  # the resolver is not reachable either
+            server.client(key).completions.create(model="extra1", prompt=[1, 5, 6], max_tokens=2)
+    assert "extra0" not in {m.id for m in server.client().models.list().data}
+    assert server.load("extra0").status_code == 200
+    assert server.client().completions.create(model="extra0", prompt=[1, 5, 6], max_tokens=2).model == "extra0"
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "extra0"}).status_code == 200
+
+
+def _waiting_and_running(metrics: str) -> float:
+    total = 0.0
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running"):
+        total += sum(float(v) for v in re.findall(r"^%s\{[^}]*\} (\S+)$" % re.escape(name), metrics, re.M))
+    return total
+
+
+def test_files_changed_while_requests_are_queued(server, reference):
+    """rt1 retrained in place, rt2 deleted, rt3's weights re-linked outside the
+    directory, rt4's snapshot deleted, all while requests of every tenant are
+    queued (two run at a time). The engine survives; other tenants are unaffected;
+    requests of a changed adapter are served with the content they were accepted
+    with, or fail cleanly (rt4, whose snapshot was removed)."""
+    for name in ("rt1", "rt2", "rt3", "rt4"):
+        r = server.load(name)
+        assert r.status_code == 200, r.text
+    client = server.client(asynchronous=True)
+    max_tokens = 48
+    jobs = [(model, random_ids(8 + 3 * i, 100 + 7 * i + k)) for i in range(3)
+            for k, model in enumerate([BASE, "sort", "rt1", "rt2", "rt3"])]
+    jobs += [("rt4", random_ids(10 + i, 200 + i)) for i in range(3)]  # last: still waiting when its snapshot goes
+    paths = {BASE: None, "sort": server.sort, **{n: server.originals / n for n in ("rt1", "rt2", "rt3", "rt4")}}
+
+    async def one(model, ids):
+        try:
+            res = await client.completions.create(model=model, prompt=ids, max_tokens=max_tokens, **GREEDY)
+            return res.choices[0].token_ids
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    def apply_faults():
+        random_adapter(server.root / "rt1", seed=99, num_soft_tokens=2, **KW)  # retrained in place
+        shutil.rmtree(server.root / "rt2")  # deleted
+        outside = server.root.parent / "outside-weights"
+        random_adapter(outside, seed=98, num_soft_tokens=4, **KW)
+        (server.root / "rt3" / "adapter_model.safetensors").unlink()  # re-linked outside the directory
+        os.symlink(outside / "adapter_model.safetensors", server.root / "rt3" / "adapter_model.safetensors")
+        snapshots = [p for p in server.snapshots.iterdir() if not p.name.startswith(".")]
+        from vllm_iapt.adapter import load_adapter
+
+        rt4 = load_adapter(server.originals / "rt4").content_hash
+        assert rt4 in {p.name for p in snapshots}
+        shutil.rmtree(server.snapshots / rt4)
+
+    async def main():
+        tasks = [asyncio.create_task(one(m, ids)) for m, ids in jobs]
+        deadline = time.monotonic() + 120
+        while _waiting_and_running(await asyncio.to_thread(server.metrics)) < len(jobs):
+            assert time.monotonic() < deadline, "the requests were not all accepted"
+            await asyncio.sleep(0.05)
+        # Every request has been accepted (validated and added to the engine).
+        await asyncio.to_thread(apply_faults)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    failed_rt4 = 0
+    for (model, ids), got in zip(jobs, results):
+        expected = reference.generate(ids, paths[model], max_tokens).token_ids
+        if model == "rt4" and isinstance(got, Exception):
+            failed_rt4 += 1
+            assert getattr(got, "status_code", None) == 500 and "IAPT adapter 'rt4'" in str(got), got
+            continue
+        assert not isinstance(got, Exception), (model, got)
+        assert got == expected, (model, len(ids))
+    assert failed_rt4 >= 1, "rt4's snapshot was removed before its requests ran; they must fail cleanly"
+
+    sync = server.client()
+    # The server is alive and every tenant keeps working.
+    ids = random_ids(20, 5)
+    for model in (BASE, "sort"):
+        got = sync.completions.create(model=model, prompt=ids, max_tokens=8, **GREEDY).choices[0].token_ids
+        assert got == reference.generate(ids, paths[model], 8).token_ids
+    # New requests see the files as they are now.
+    got = sync.completions.create(model="rt1", prompt=ids, max_tokens=8, **GREEDY).choices[0].token_ids
+    assert got == reference.generate(ids, server.root / "rt1", 8).token_ids
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError, match="does not exist"):
+        sync.completions.create(model="rt2", prompt=ids, max_tokens=8)
+    with pytest.raises(BadRequestError, match="outside the adapter directory"):
+        sync.completions.create(model="rt3", prompt=ids, max_tokens=8)
+    got = sync.completions.create(model="rt4", prompt=ids, max_tokens=8, **GREEDY).choices[0].token_ids
+    assert got == reference.generate(ids, server.originals / "rt4", 8).token_ids  # snapshot written again
+    assert "EngineDeadError" not in server.log_text() and server.proc.proc.poll() is None
+    for name in ("rt1", "rt2", "rt3", "rt4"):
+        assert server.post("/v1/unload_lora_adapter", {"lora_name": name}).status_code == 200
+
+
+def test_runtime_adapters_are_bounded(server):
+    names = {m.id for m in server.client().models.list().data}
+    for name in names - {BASE, "sort"}:
+        server.post("/v1/unload_lora_adapter", {"lora_name": name})
+    for i in range(6):
+        assert server.load(f"extra{i}").status_code == 200
+    r = server.load("extra6")  # explicit loads are never evicted: a clear 400
+    assert r.status_code == 400 and "max_runtime_adapters=6" in r.json()["error"]["message"], r.text
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "extra5"}).status_code == 200
+    client = server.client()
+    assert client.completions.create(model="extra7", prompt=[1, 4], max_tokens=1).model == "extra7"  # resolver
+    r = server.load("extra6")  # evicts the resolver-loaded extra7 (LRU)
+    assert r.status_code == 200, r.text
+    names = {m.id for m in client.models.list().data}
+    assert "extra6" in names and "extra7" not in names
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError, match="max_runtime_adapters"):  # full of explicit loads
+        client.completions.create(model="extra7", prompt=[1, 4], max_tokens=1)
+    assert "unregistered to make room for 'extra6'" in server.log_text()
+
+
+def test_prompt_token_counters_exclude_soft_slots(server):
+    def counter(text: str, name: str) -> float:
+        return sum(float(v) for v in re.findall(r"^%s(?:\{[^}]*\})? (\S+)$" % re.escape(name), text, re.M))
+
+    before = server.metrics()
+    ids = random_ids(37, 9)
+    server.client().completions.create(model="sort", prompt=ids, max_tokens=2)  # 4 soft tokens
+    after = server.metrics()
+    assert counter(after, "vllm:prompt_tokens_total") - counter(before, "vllm:prompt_tokens_total") == len(ids)
+    hist = "vllm:request_prompt_tokens_sum"
+    assert counter(after, hist) - counter(before, hist) == len(ids)
+
+
+# -- two API servers ---------------------------------------------------------------
+
+
+def test_two_api_servers_serve_every_adapter(tiny_model_dir, adapter_factory, tmp_path, reference):
+    from openai import OpenAI
+
+    sort = adapter_factory("two-sort", num_soft_tokens=4, seed=71)
+    reverse = adapter_factory("two-reverse", num_soft_tokens=2, activation="gelu", seed=72)
+    log = tmp_path / "server.log"
+    cmd = lambda port: serve_command(  # noqa: E731
+        tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"sort={sort}", f"reverse={reverse}",
+        "--api-server-count", "2", "--enable-log-requests")
+    paths = {BASE: None, "sort": sort, "reverse": reverse}
+    with ServerProcess(cmd, log, {"VLLM_CPU_KVCACHE_SPACE": "1"}) as proc:
+        jobs = [(model, random_ids(5 + i, 300 + i)) for i in range(12) for model in (BASE, "sort", "reverse")]
+        for model, ids in jobs:
+            # A new client (new connection) per request: the kernel spreads connections over both servers.
+            with OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
+                res = client.completions.create(model=model, prompt=ids, max_tokens=6, **GREEDY)
+            assert res.choices[0].token_ids == reference.generate(ids, paths[model], 6).token_ids, (model, len(ids))
+            assert res.model == model
+        text = log.read_text(errors="replace")
+    answering = set(re.findall(r"\((APIServer\S*) pid=(\d+)\)[^\n]*Received request", text))
+    assert len({pid for _, pid in answering}) == 2, (answering, text[-3000:])
+    assert "LoRA is not enabled" not in text

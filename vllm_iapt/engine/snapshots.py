@@ -1,0 +1,174 @@
+"""Content-addressed adapter snapshots: the bytes the front end validated, for the worker.
+
+When the front end validates an adapter it writes exactly the validated bytes
+(the canonical ``adapter_config.json`` and the weights file as read) into
+``<snapshot_dir>/<content hash>/``, atomically (a temporary directory renamed into
+place), or reuses the snapshot if it is already there. A request carries the
+snapshot's path to the worker (``extra_args["iapt"]["path"]``, with the user's path
+as ``source`` for messages), and the worker loads only from snapshots, confined to
+the snapshot directory, and checks the content hash. Replacing, deleting or
+re-linking the user's files after a request was accepted therefore never changes
+what the worker computes with, and never reaches it.
+
+The directory is bounded in bytes (``max_snapshot_bytes``): to make room, the least
+recently used snapshots that were not used in the last :data:`MIN_IDLE_SECONDS`
+are deleted (a worker keeps an adapter in its CPU cache once loaded, so a snapshot
+is needed only until the first prefill of a request that was accepted with it); an
+adapter that still does not fit is refused. Several servers of the same user may
+share the directory: snapshots are immutable and named by content.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import time
+
+from vllm_iapt.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, IAPTAdapter, config_bytes
+
+#: A snapshot used (accepted for a request) this recently is never deleted to make room.
+MIN_IDLE_SECONDS = 600.0
+#: A snapshot's mtime is refreshed at most this often (it is its last-use time).
+TOUCH_INTERVAL_SECONDS = 30.0
+_TMP_PREFIX = ".tmp-"
+
+
+def default_snapshot_dir() -> str:
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return os.path.join(tempfile.gettempdir(), f"vllm-iapt-snapshots-{uid}")
+
+
+def snapshot_root(snapshot_dir: str | None, create: bool = False) -> str:
+    """The real path of the snapshot directory. With ``create``, makes it (mode
+    0700) and checks that it is a directory owned by this user that nobody else
+    can write to; a directory another local user prepared is refused."""
+    path = snapshot_dir or default_snapshot_dir()
+    if create:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    real = os.path.realpath(path)
+    if create:
+        st = os.stat(real)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"IAPT snapshot directory {path!r} is not a directory")
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise ValueError(f"IAPT snapshot directory {path!r} is owned by another user; set "
+                             "snapshot_dir (--iapt-snapshot-dir) to a private directory")
+        if st.st_mode & 0o022:
+            raise ValueError(f"IAPT snapshot directory {path!r} is writable by other users; set "
+                             "snapshot_dir (--iapt-snapshot-dir) to a private directory or chmod 700 it")
+    return real
+
+
+def is_snapshot_path(path: str, root: str) -> bool:
+    """Whether ``path`` names a snapshot directly under ``root``."""
+    parent, name = os.path.split(os.path.normpath(path))
+    return parent == root and len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+class SnapshotStore:
+    def __init__(self, snapshot_dir: str | None, max_bytes: int) -> None:
+        self.root = snapshot_root(snapshot_dir, create=True)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._touched: dict[str, float] = {}
+
+    def path_of(self, content_hash: str) -> str:
+        return os.path.join(self.root, content_hash)
+
+    def exists(self, path: str) -> bool:
+        return os.path.isfile(os.path.join(path, WEIGHTS_NAME)) and os.path.isfile(os.path.join(path, CONFIG_NAME))
+
+    def touch(self, path: str) -> None:
+        """Marks a snapshot as used now (its mtime), at most every few seconds."""
+        now = time.monotonic()
+        if now - self._touched.get(path, -1e9) < TOUCH_INTERVAL_SECONDS:
+            return
+        self._touched[path] = now
+        if len(self._touched) > 4096:
+            self._touched.clear()
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+
+    def put(self, adapter: IAPTAdapter, weights: bytes) -> str:
+        """Writes (or reuses) the snapshot of a validated adapter; returns its path.
+        Raises :class:`AdapterError` if it cannot fit in ``max_snapshot_bytes``."""
+        final = self.path_of(adapter.content_hash)
+        config = config_bytes(adapter.config)
+        with self._lock:
+            if self._complete(final, len(config), len(weights)):
+                self._touched.pop(final, None)
+                self.touch(final)
+                return final
+            self._make_room(len(config) + len(weights), adapter.name)
+            tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root)
+            try:
+                for name, data in ((CONFIG_NAME, config), (WEIGHTS_NAME, weights)):
+                    with open(os.path.join(tmp, name), "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                if os.path.lexists(final):  # an incomplete or damaged snapshot
+                    shutil.rmtree(final, ignore_errors=True)
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    if not self._complete(final, len(config), len(weights)):
+                        raise
+                    # Another process wrote the same content first.
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return final
+
+    @staticmethod
+    def _complete(path: str, config_size: int, weights_size: int) -> bool:
+        try:
+            return (os.path.getsize(os.path.join(path, CONFIG_NAME)) == config_size
+                    and os.path.getsize(os.path.join(path, WEIGHTS_NAME)) == weights_size
+                    and not os.path.islink(path))
+        except OSError:
+            return False
+
+    def entries(self) -> list[tuple[float, int, str]]:
+        """(last use, bytes, path) of every snapshot, oldest first."""
+        out = []
+        for entry in os.scandir(self.root):
+            try:
+                if entry.name.startswith(_TMP_PREFIX):
+                    if time.time() - entry.stat(follow_symlinks=False).st_mtime > 3600:
+                        shutil.rmtree(entry.path, ignore_errors=True)  # left by a crashed writer
+                    continue
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                size = sum(f.stat(follow_symlinks=False).st_size for f in os.scandir(entry.path))
+                out.append((entry.stat(follow_symlinks=False).st_mtime, size, entry.path))
+            except OSError:
+                continue
+        return sorted(out)
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def _make_room(self, size: int, name: str) -> None:
+        entries = self.entries()
+        total = sum(s for _, s, _ in entries)
+        if total + size <= self.max_bytes:
+            return
+        now = time.time()
+        for mtime, s, path in entries:
+            if total + size <= self.max_bytes:
+                break
+            if now - mtime < MIN_IDLE_SECONDS:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            self._touched.pop(path, None)
+            total -= s
+        if total + size > self.max_bytes:
+            raise AdapterError(
+                name, f"the adapter snapshot directory is full ({total} of max_snapshot_bytes={self.max_bytes} "
+                f"bytes in snapshots used in the last {int(MIN_IDLE_SECONDS)} s; this adapter needs {size}); "
+                "retry later or raise --iapt-max-snapshot-bytes")
