@@ -36,6 +36,10 @@ def markdown(results: list[dict], meta: dict) -> str:
            f"IAPT r={meta['bottleneck']}. Command: `{meta['command']}`", "",
            "Ratios are to the base model in the same run: `base` = vLLM defaults; `same` = the base model with the "
            "settings that system forces (IAPT: no chunked prefill; LoRA: eager).", "",
+           *([f"All servers ran at once; each figure is the median of {meta['interleaved_repeats']} runs taken in "
+              "turn on every server (fresh prompts per round, the same prompts for every system within a round), "
+              "so that load from elsewhere hits every system alike. Output tok/s ranges over the rounds are in the "
+              "JSON (`output_throughput_range`).", ""] if meta.get("interleaved_repeats") else []),
            "| system | prompt | conc. | N | out tok/s | req/s | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms "
            "| tok/s vs base | tok/s vs same | TTFT vs base | TTFT vs same | max running |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
