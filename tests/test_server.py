@@ -353,7 +353,9 @@ def test_concurrent_tenants_with_runtime_load_and_unload(server, reference):
 def test_bad_startup_adapter_stops_the_server(tiny_model_dir, tmp_path):
     bad = tmp_path / "broken-adapter"
     random_adapter(bad, hidden_size=128, num_hidden_layers=3, seed=1)  # the model has 2 layers
-    cmd = lambda port: serve_command(tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"broken={bad}")  # noqa: E731
+    # Eager: the engine starts before the adapters are checked, and compiling it would only cost time here.
+    cmd = lambda port: serve_command(tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"broken={bad}",  # noqa: E731
+                                     "--enforce-eager")
     with pytest.raises(RuntimeError, match="server exited") as e:
         with ServerProcess(cmd, tmp_path / "server.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}):
             pass
