@@ -163,7 +163,7 @@ PIRATE = Tenant(
     messages=chat_messages,
     rule=is_pirate,
     rule_name="speaks like a pirate (pirate vocabulary: arr, ahoy, matey, ye, aye, ...)",
-    max_tokens=64,
+    max_tokens=48,
 )
 
 JSON = Tenant(
@@ -190,7 +190,7 @@ JSON = Tenant(
     messages=chat_messages,
     rule=is_json_answer,
     rule_name='one JSON object with exactly the string keys "topic" and "answer"',
-    max_tokens=64,
+    max_tokens=48,
 )
 
 TRIAGE = Tenant(
@@ -243,7 +243,7 @@ CAPS = Tenant(
     messages=chat_messages,
     rule=is_all_caps,
     rule_name="at least 95% of the letters are capitals",
-    max_tokens=64,
+    max_tokens=48,
 )
 
 TENANTS: dict[str, Tenant] = {t.name: t for t in (PIRATE, JSON, TRIAGE, CAPS)}
