@@ -136,6 +136,31 @@ def test_committed_tenants_are_valid(model_dir):
     assert set(card) == set(NAMES)
 
 
+def test_first_token_init_starts_close_to_the_base_model(reference, tok):
+    """`--init first_token`: the soft rows start as copies of the first row, so an
+    untrained adapter barely moves the real model (the default init does)."""
+    import torch
+
+    from vllm_iapt.train.trainer import TrainConfig, build_model, init_from_first_token
+
+    ids = chat_ids(tok, "Tell me about owls.")
+    cfg = TrainConfig.model_construct(base_model="unused", num_soft_tokens=4, bottleneck_dim=16, layers=None,
+                                      activation="rational", save_dtype="float32")
+    with torch.no_grad():
+        base = torch.log_softmax(reference.base(torch.tensor([ids])).logits[0, -1].float(), -1)
+        drift = {}
+        for init in ("random", "first_token"):
+            torch.manual_seed(0)
+            model = build_model(cfg, base=reference.base)
+            if init == "first_token":
+                init_from_first_token(model, [ids])
+            lp = torch.log_softmax(model(torch.tensor([ids]))["logits"][0, -1].float(), -1)
+            drift[init] = float((base.exp() * (base - lp)).sum())  # KL(base || adapter) at the next token
+            for h in model._hooks:
+                h.remove()
+    assert drift["first_token"] < 0.5 and drift["random"] > 5 * drift["first_token"], drift  # measured 0.25 vs 3.9
+
+
 # ----------------------------------------------------------------------------- parity
 def mixed_items(tok) -> list[dict]:
     """Base + every tenant, on held-out chat prompts of each tenant (templated as the chat API does)."""
