@@ -85,11 +85,12 @@ def reference(model_dir) -> RealReference:
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    """One in-process engine for the module (compiled mode, vLLM's default)."""
+    """One in-process engine for the module, eager (the server below runs vLLM's default compiled mode)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from engine_harness import make_llm, shutdown
 
-    llm = make_llm(str(model_dir), max_model_len=1024, additional_config={"iapt": {"max_adapters": 4}})
+    llm = make_llm(str(model_dir), max_model_len=1024, enforce_eager=True,
+                   additional_config={"iapt": {"max_adapters": 4}})
     yield llm
     shutdown(llm)
 
