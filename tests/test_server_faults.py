@@ -1,7 +1,7 @@
 """Faults through a real `vllm serve --enable-iapt`, spoken to with the `openai` client.
 
 One server (run-time loading, --api-key, a small run-time adapter limit, few
-concurrent sequences so that requests queue) is shared by the fault, key, limit
+concurrent sequences (one) so that requests queue) is shared by the fault, key, limit
 and metrics tests; a second one runs two API servers. Answers are compared token
 for token with the transformers reference model, as in tests/test_server.py.
 """
@@ -71,7 +71,7 @@ def server(tiny_model_dir, adapter_factory, tmp_path_factory):
     cmd = lambda port: serve_command(  # noqa: E731
         tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"sort={sort}", "--iapt-adapter-dir", str(root),
         "--max-runtime-iapt-adapters", "6", "--iapt-snapshot-dir", str(snapshots), "--api-key", KEY,
-        "--max-num-seqs", "2")
+        "--max-num-seqs", "1")
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with ServerProcess(cmd, log, env, api_key=KEY) as proc:
         yield Server(proc, root, originals, snapshots, sort)
@@ -106,20 +106,23 @@ def _waiting_and_running(metrics: str) -> float:
 def test_files_changed_while_requests_are_queued(server, reference):
     """rt1 retrained in place, rt2 deleted, rt3's weights re-linked outside the
     directory, rt4's snapshot deleted, all while requests of every tenant are
-    queued (two run at a time). The engine survives; other tenants are unaffected;
+    queued (one runs at a time). The engine survives; other tenants are unaffected;
     requests of a changed adapter are served with the content they were accepted
     with, or fail cleanly (rt4, whose snapshot was removed)."""
     for name in ("rt1", "rt2", "rt3", "rt4"):
         r = server.load(name)
         assert r.status_code == 200, r.text
     client = server.client(asynchronous=True)
-    max_tokens = 48
-    jobs = [(model, random_ids(8 + 3 * i, 100 + 7 * i + k)) for i in range(3)
-            for k, model in enumerate([BASE, "sort", "rt1", "rt2", "rt3"])]
-    jobs += [("rt4", random_ids(10 + i, 200 + i)) for i in range(3)]  # last: still waiting when its snapshot goes
+    # Other tenants first (long answers keep the single sequence slot busy), then
+    # the adapters whose files change, rt4 last (still waiting when its snapshot goes).
+    jobs = [(model, random_ids(8 + 3 * i, 100 + 7 * i + k), 128) for i in range(3)
+            for k, model in enumerate([BASE, "sort"])]
+    jobs += [(model, random_ids(9 + 2 * i, 150 + 7 * i + k), 32) for i in range(3)
+             for k, model in enumerate(["rt1", "rt2", "rt3"])]
+    jobs += [("rt4", random_ids(10 + i, 200 + i), 32) for i in range(3)]
     paths = {BASE: None, "sort": server.sort, **{n: server.originals / n for n in ("rt1", "rt2", "rt3", "rt4")}}
 
-    async def one(model, ids):
+    async def one(model, ids, max_tokens):
         try:
             res = await client.completions.create(model=model, prompt=ids, max_tokens=max_tokens, **GREEDY)
             return res.choices[0].token_ids
@@ -141,18 +144,22 @@ def test_files_changed_while_requests_are_queued(server, reference):
         shutil.rmtree(server.snapshots / rt4)
 
     async def main():
-        tasks = [asyncio.create_task(one(m, ids)) for m, ids in jobs]
+        tasks = [asyncio.create_task(one(*job)) for job in jobs]
         deadline = time.monotonic() + 120
-        while _waiting_and_running(await asyncio.to_thread(server.metrics)) < len(jobs):
+        while (_waiting_and_running(await asyncio.to_thread(server.metrics)) + sum(t.done() for t in tasks)
+               < len(jobs)):
             assert time.monotonic() < deadline, "the requests were not all accepted"
             await asyncio.sleep(0.05)
         # Every request has been accepted (validated and added to the engine).
         await asyncio.to_thread(apply_faults)
-        return await asyncio.gather(*tasks)
+        pending = {job[0] for job, task in zip(jobs, tasks) if not task.done()}
+        return pending, await asyncio.gather(*tasks)
 
-    results = asyncio.run(main())
+    pending, results = asyncio.run(main())
+    # The faults really hit adapters with requests still queued or running.
+    assert {"rt1", "rt2", "rt3", "rt4"} <= pending, pending
     failed_rt4 = 0
-    for (model, ids), got in zip(jobs, results):
+    for (model, ids, max_tokens), got in zip(jobs, results):
         expected = reference.generate(ids, paths[model], max_tokens).token_ids
         if model == "rt4" and isinstance(got, Exception):
             failed_rt4 += 1

@@ -6,6 +6,12 @@ bookkeeping, which is off under IAPT, so the API server counts requests itself:
 base-model requests carry the base model's name as ``adapter`` (an adapter can
 never have a served base model's name). Counted when the request enters the
 engine (once per prompt; ``n > 1`` is one request, as in vLLM's own counters).
+
+vLLM's own token counters count the user's tokens only: the scheduler's prefill
+statistics of an IAPT request are reduced by its soft slots in the front end
+(:func:`exclude_soft_slots`, applied by ``patches/output_processor.py``), so
+``vllm:prompt_tokens_total``, ``vllm:prompt_tokens_by_source``, the cached-token
+counts and ``vllm:request_prompt_tokens`` never include them.
 """
 
 from __future__ import annotations
@@ -24,3 +30,18 @@ def count_request(model_name: str, adapter: str | None) -> None:
         _requests = Counter("vllm_iapt:requests", "Requests admitted to the engine, by IAPT adapter",
                             labelnames=["model_name", "adapter"])
     _requests.labels(model_name=model_name, adapter=adapter or model_name).inc()
+
+
+def exclude_soft_slots(prefill_stats, m: int) -> None:
+    """Removes a request's ``m`` soft slots from vLLM's ``PrefillStats`` (in place).
+    A prefix-cache hit covers all slots or none (hits are whole blocks and
+    ``m`` <= block size), so the slots were either all cached or all computed."""
+    s = prefill_stats
+    slots_cached = s.num_local_cached_tokens >= m
+    s.num_prompt_tokens = max(0, s.num_prompt_tokens - m)
+    if slots_cached:
+        s.num_cached_tokens = max(0, s.num_cached_tokens - m)
+        s.num_local_cached_tokens = max(0, s.num_local_cached_tokens - m)
+    else:
+        s.num_computed_tokens = max(0, s.num_computed_tokens - m)
+        s.num_cache_creation_tokens = max(0, s.num_cache_creation_tokens - m)
