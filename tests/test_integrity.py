@@ -386,3 +386,24 @@ def test_broken_patch_module_refuses_iapt(tmp_path, tiny_model_dir, broken_env):
     result, _ = _harness(tmp_path, spec, broken_env)
     error = result["startup_error"]
     assert "PatchError" in error and "vLLM 0.32.0" in error and "beam_search" in error, error
+
+
+def test_resolver_reads_bounded_and_confined(tmp_path):
+    import asyncio
+
+    from vllm_iapt.serving.models import IAPTDirectoryResolver
+
+    root = tmp_path / "dir"
+    random_adapter(root / "ok", seed=9, **KW)
+    (root / "fifo").mkdir()
+    os.mkfifo(root / "fifo" / CONFIG_NAME)  # would block a plain open()
+    (root / "huge").mkdir()
+    (root / "huge" / CONFIG_NAME).write_text('{"peft_type": "IAPT", "x": "' + "a" * 70000 + '"}')
+    resolver = IAPTDirectoryResolver(str(root))
+
+    async def resolve(name):
+        return await asyncio.wait_for(resolver.resolve_lora("base", name), 30)
+
+    assert asyncio.run(resolve("ok")).lora_path == str(root / "ok")
+    assert asyncio.run(resolve("fifo")) is None
+    assert asyncio.run(resolve("huge")) is None
