@@ -97,6 +97,10 @@ def test_snapshot_is_content_addressed_and_reused(adapter, tmp_path):
     assert load_adapter(path, root=store.root).content_hash == a.content_hash  # the same bytes
     mtime = os.stat(Path(path) / WEIGHTS_NAME).st_mtime_ns
     assert store.put(a, raw) == path and os.stat(Path(path) / WEIGHTS_NAME).st_mtime_ns == mtime
+    damaged = bytearray(raw)
+    damaged[-1] ^= 0xFF
+    (Path(path) / WEIGHTS_NAME).write_bytes(bytes(damaged))  # same size, other bytes: written again
+    assert store.put(a, raw) == path and (Path(path) / WEIGHTS_NAME).read_bytes() == raw
     assert not [p for p in os.listdir(store.root) if p.startswith(".tmp")]
     shutil.copytree(adapter, tmp_path / "renamed")  # the same content elsewhere: the same snapshot
     b, raw_b = read_adapter(tmp_path / "renamed", name="other")
@@ -314,6 +318,8 @@ def test_worker_failure_fails_only_that_adapters_requests(llm, reference, tmp_pa
                 before_steps=damage)
     assert outs[0].outputs[0].finish_reason == "error" and "does not hold the content" in outs[0].outputs[0].stop_reason
     assert outs[1].outputs[0].token_ids == reference.generate(prompts[1], None, 8).token_ids
+    outs = _run(llm, [(prompts[1], IAPTRequest("c", 4, str(tmp_path / "c")))])  # the snapshot is written again
+    assert outs[0].outputs[0].token_ids == reference.generate(prompts[1], tmp_path / "c", 8).token_ids
 
 
 def test_prefix_cache_shared_by_content_not_name(llm, reference, tmp_path):
