@@ -107,9 +107,10 @@ def _waiting_and_running(metrics: str) -> float:
 def test_files_changed_while_requests_are_queued(server, reference):
     """rt1 retrained in place, rt2 deleted, rt3's weights re-linked outside the
     directory, rt4's snapshot deleted, all while requests of every tenant are
-    queued behind long base-model requests that hold the single sequence slot. The engine survives; other tenants are unaffected;
-    requests of a changed adapter are served with the content they were accepted
-    with, or fail cleanly (rt4, whose snapshot was removed)."""
+    queued behind long base-model requests that hold the single sequence slot.
+    The engine survives; other tenants are unaffected; requests of a changed
+    adapter are served with the content they were accepted with (rt1-rt3), or
+    fail cleanly with a 500 naming the adapter (rt4, whose snapshot was removed)."""
     for name in ("rt1", "rt2", "rt3", "rt4"):
         r = server.load(name)
         assert r.status_code == 200, r.text
