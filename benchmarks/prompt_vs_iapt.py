@@ -51,6 +51,7 @@ from vllm_iapt.serving.process import ServerProcess, vllm_serve  # noqa: E402
 ADAPTERS = ROOT / "examples" / "smollm2" / "adapters"
 DATA = ROOT / "examples" / "smollm2" / "data"
 SERVED = "smollm2"
+SOFT_TOKENS = 4  # m of every committed tenant
 
 
 def tenant_copies(n: int, work: Path) -> list[tuple[str, str, Path]]:
@@ -182,7 +183,8 @@ def main() -> None:
             res = asyncio.run(drive(srv.url, requests_for(mode, tenants[:n], msgs, count), args.concurrency, args.max_tokens))
             res["preemptions"] = _metric(srv.metrics(), "vllm:num_preemptions_total") - before
             block, cache_blocks = geometry[mode]
-            seq = res["prompt_tokens"] + res["completion_tokens"]
+            # usage counts the user's tokens only; an IAPT sequence also holds KV for its soft slots
+            seq = res["prompt_tokens"] + res["completion_tokens"] + (SOFT_TOKENS if mode == "iapt" else 0)
             prefix = statistics.mean(_prefix_tokens(b) for _, b, _ in tenants[:n]) if mode == "prompt" else 0
             shared = math.floor(prefix / block) if mode == "prompt" else 0
             blocks = math.ceil(seq / block)
