@@ -72,7 +72,7 @@ def server(tiny_model_dir, adapter_factory, tmp_path_factory):
     cmd = lambda port: serve_command(  # noqa: E731
         tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"sort={sort}", "--iapt-adapter-dir", str(root),
         "--max-runtime-iapt-adapters", "6", "--iapt-snapshot-dir", str(snapshots), "--api-key", KEY,
-        "--max-num-seqs", "1")
+        "--max-num-seqs", "1", "--max-model-len", "2048", "--max-num-batched-tokens", "2048")
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with ServerProcess(cmd, log, env, api_key=KEY) as proc:
         yield Server(proc, root, originals, snapshots, sort)
@@ -152,9 +152,9 @@ def test_files_changed_while_requests_are_queued(server, reference):
         # below is still queued when the files change; they are aborted afterwards.
         finished_before = _in_engine_or_finished(await asyncio.to_thread(server.metrics))
         blockers = []
-        for i in range(6):
+        for i in range(16):  # ~30k tokens: tens of seconds even on an idle machine
             blockers.append(await client.completions.create(
-                model=BASE, prompt=random_ids(6, 900 + i), max_tokens=480, stream=True, **GREEDY))
+                model=BASE, prompt=random_ids(6, 900 + i), max_tokens=2000, stream=True, **GREEDY))
             if i == 0:
                 await blockers[0].__anext__()  # running: everything after it queues
         tasks = [asyncio.create_task(one(*job)) for job in jobs]
