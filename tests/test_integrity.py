@@ -212,6 +212,19 @@ def test_patch_failure_refuses_iapt_naming_version(monkeypatch):
     patches.check_patches()
 
 
+def test_engine_args_patch_failure_still_refuses_iapt(monkeypatch, tiny_model_dir):
+    """If ``engine_args`` itself cannot be applied, a minimal guard refuses IAPT."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_iapt import patches
+
+    monkeypatch.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)  # restored after
+    monkeypatch.setitem(patches.FAILED, "engine_args", "AttributeError: simulated")
+    patches._fallback_guard()
+    with pytest.raises(patches.PatchError, match="engine_args"):
+        EngineArgs(model=str(tiny_model_dir), additional_config={"iapt": {}}).create_engine_config()
+
+
 def test_cli_flags_for_the_bounds():
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser

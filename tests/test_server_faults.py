@@ -72,7 +72,7 @@ def server(tiny_model_dir, adapter_factory, tmp_path_factory):
     cmd = lambda port: serve_command(  # noqa: E731
         tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"sort={sort}", "--iapt-adapter-dir", str(root),
         "--max-runtime-iapt-adapters", "6", "--iapt-snapshot-dir", str(snapshots), "--api-key", KEY,
-        "--max-num-seqs", "1")
+        "--max-num-seqs", "1", "--max-model-len", "2048", "--max-num-batched-tokens", "2048")
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with ServerProcess(cmd, log, env, api_key=KEY) as proc:
         yield Server(proc, root, originals, snapshots, sort)
@@ -97,11 +97,14 @@ def test_api_key_protects_iapt_routes(server, tmp_path):
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "extra0"}).status_code == 200
 
 
-def _waiting_and_running(metrics: str) -> float:
-    total = 0.0
-    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running"):
-        total += sum(float(v) for v in re.findall(r"^%s\{[^}]*\} (\S+)$" % re.escape(name), metrics, re.M))
-    return total
+def _metric(metrics: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(r"^%s\{[^}]*\} (\S+)$" % re.escape(name), metrics, re.M))
+
+
+def _in_engine_or_finished(metrics: str) -> float:
+    """Requests the engine has accepted: waiting, running, or finished (any reason)."""
+    return sum(_metric(metrics, n) for n in ("vllm:num_requests_waiting", "vllm:num_requests_running",
+                                              "vllm:request_success_total"))
 
 
 def test_files_changed_while_requests_are_queued(server, reference):
@@ -147,19 +150,23 @@ def test_files_changed_while_requests_are_queued(server, reference):
     async def main():
         # Long base-model requests hold the single sequence slot, so that every job
         # below is still queued when the files change; they are aborted afterwards.
+        finished_before = _in_engine_or_finished(await asyncio.to_thread(server.metrics))
         blockers = []
-        for i in range(3):
+        for i in range(16):  # ~30k tokens: tens of seconds even on an idle machine
             blockers.append(await client.completions.create(
-                model=BASE, prompt=random_ids(6, 900 + i), max_tokens=480, stream=True, **GREEDY))
+                model=BASE, prompt=random_ids(6, 900 + i), max_tokens=2000, stream=True, **GREEDY))
             if i == 0:
                 await blockers[0].__anext__()  # running: everything after it queues
         tasks = [asyncio.create_task(one(*job)) for job in jobs]
-        deadline = time.monotonic() + 300
-        while (_waiting_and_running(await asyncio.to_thread(server.metrics)) + sum(t.done() for t in tasks)
+        started = time.monotonic()
+        deadline = started + 300
+        while (_in_engine_or_finished(await asyncio.to_thread(server.metrics)) - finished_before
                < len(jobs) + len(blockers)):
             assert time.monotonic() < deadline, "the requests were not all accepted"
             await asyncio.sleep(0.2)
         # Every request has been accepted (validated and added to the engine).
+        print(f"all {len(jobs)} jobs accepted after {time.monotonic() - started:.1f}s; "
+              f"{sum(t.done() for t in tasks)} done")
         await asyncio.to_thread(apply_faults)
         pending = {job[0] for job, task in zip(jobs, tasks) if not task.done()}
         for blocker in blockers:
