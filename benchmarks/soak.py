@@ -335,15 +335,19 @@ def group_pids(pgid: int) -> list[int]:
     return out
 
 
-def rss_kib(pid: int) -> int | None:
+def rss_kib(pid: int) -> tuple[int, int] | None:
+    """(VmRSS, RssAnon) in KiB. RssAnon (heap, tensors) is what a leak grows;
+    VmRSS also counts file-backed pages (libraries, mapped weights), which the
+    kernel drops and reloads under memory pressure from other processes."""
+    vals = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+                if line.startswith(("VmRSS:", "RssAnon:")):
+                    vals[line.split(":")[0]] = int(line.split()[1])
     except OSError:
         return None
-    return None
+    return (vals["VmRSS"], vals.get("RssAnon", vals["VmRSS"])) if "VmRSS" in vals else None
 
 
 def proc_name(pid: int) -> str:
@@ -387,9 +391,9 @@ class Sampler(threading.Thread):
             return None
         procs = {}
         for pid in group_pids(srv.proc.pid):
-            rss = rss_kib(pid)
-            if rss:
-                procs[pid] = [proc_name(pid), rss]
+            mem = rss_kib(pid)
+            if mem and mem[0]:
+                procs[pid] = [proc_name(pid), *mem]
         if not procs:
             return None
         row = {"t": time.monotonic() - self.run_.t0, "incarnation": self.run_.incarnation,
@@ -1028,21 +1032,28 @@ def memory_summary(samples: list[dict], warmup_fraction: float, total_requests: 
         warm_done = first["done"] + warmup_fraction * served
         warm = next((r for r in rows if r["done"] >= warm_done), last)
         procs = {}
-        for pid, (name, rss_end) in last["procs"].items():
-            start = first["procs"].get(pid, [name, None])[1]
-            w = warm["procs"].get(pid, [name, None])[1]
+        def mib(x):
+            return round(x / 1024, 1) if x else None
+
+        for pid, (name, *end) in last["procs"].items():
+            start = (first["procs"].get(pid) or [name, None, None])[1:]
+            w = (warm["procs"].get(pid) or [name, None, None])[1:]
+            end_anon, w_anon = end[-1], w[-1]
             procs[f"{name} (pid {pid})"] = {
-                "rss_start_mib": round(start / 1024, 1) if start else None,
-                "rss_after_warmup_mib": round(w / 1024, 1) if w else None,
-                "rss_end_mib": round(rss_end / 1024, 1),
-                "growth_after_warmup": round((rss_end - w) / w, 4) if w else None,
+                "rss_start_mib": mib(start[0]), "rss_after_warmup_mib": mib(w[0]), "rss_end_mib": mib(end[0]),
+                "anon_start_mib": mib(start[-1]), "anon_after_warmup_mib": mib(w_anon), "anon_end_mib": mib(end_anon),
+                "growth_after_warmup": round((end_anon - w_anon) / w_anon, 4) if w_anon else None,  # of RssAnon
             }
-        tw = sum(v[1] for p, v in warm["procs"].items() if p in last["procs"])
-        te = sum(v[1] for p, v in last["procs"].items() if p in warm["procs"])
+        tw = sum(v[-1] for p, v in warm["procs"].items() if p in last["procs"])
+        te = sum(v[-1] for p, v in last["procs"].items() if p in warm["procs"])
         out.append({"incarnation": inc, "requests_served": served, "seconds": round(last["t"] - first["t"], 1),
+                    "warmup_requests": warm["done"] - first["done"],
                     "processes": procs, "total_growth_after_warmup": round((te - tw) / tw, 4) if tw else None,
                     "judged": served >= 0.25 * total_requests})
     return {"incarnations": out}
+
+
+TIMELINE = "timeline (t s, server, requests done, {process: [RSS, RssAnon] MiB})"
 
 
 def acceptable_change_outcome(verdict: str) -> bool:
@@ -1075,9 +1086,30 @@ def build_report(run: Run, drained: dict, args) -> dict:
         c = json.loads(Path(args.control_json).read_text())
         cw = [p["growth_after_warmup"] for m in c["memory"]["incarnations"] if m["judged"]
               for name, p in m["processes"].items() if name.startswith("Worker")]
+        timeline = [(row[2], row[3]["Worker"][-1] if isinstance(row[3]["Worker"], list) else row[3]["Worker"])
+                    for row in next(v for k, v in c["memory"].items() if k.startswith("timeline"))
+                    if row[1] == 1 and "Worker" in row[3]]
+
+        def at(n: int) -> float:  # the control worker's RSS after n requests (linear interpolation)
+            for (n0, r0), (n1, r1) in zip(timeline, timeline[1:]):
+                if n0 <= n <= n1:
+                    return r0 + (r1 - r0) * (n - n0) / max(1, n1 - n0)
+            return timeline[-1][1]
+
+        windows = []
+        for m in judged:
+            w = next((p for name, p in m["processes"].items() if name.startswith("Worker")), None)
+            if w and w["growth_after_warmup"] is not None and m["requests_served"] <= timeline[-1][0]:
+                cg = at(m["requests_served"]) / at(m["warmup_requests"]) - 1
+                windows.append({"server": m["incarnation"], "requests": [m["warmup_requests"], m["requests_served"]],
+                                "iapt_worker_growth": w["growth_after_warmup"], "control_worker_growth": round(cg, 4),
+                                "excess": round(w["growth_after_warmup"] - cg, 4)})
         control = {"report": args.control_json, "command": c["command"], "requests": c["requests"]["sent"],
+                   "same_window": windows, "max_excess": max((x["excess"] for x in windows), default=None),
                    "worker_growth_after_warmup": max(cw) if cw else None,
-                   "worker_rss_mib": [(p["rss_start_mib"], p["rss_after_warmup_mib"], p["rss_end_mib"])
+                   "worker_rss_mib": [(p.get("anon_start_mib", p["rss_start_mib"]),
+                                       p.get("anon_after_warmup_mib", p["rss_after_warmup_mib"]),
+                                       p.get("anon_end_mib", p["rss_end_mib"]))
                                       for m in c["memory"]["incarnations"] for name, p in m["processes"].items()
                                       if name.startswith("Worker")]}
     faults = {k: dict(v) for k, v in sorted(run.faults.items())}
@@ -1096,6 +1128,8 @@ def build_report(run: Run, drained: dict, args) -> dict:
         "server deaths == 0": len(run.deaths) == 0,
         "memory growth after warm-up < 5%: API server, engine core": front_growth is not None and front_growth < 0.05,
         "memory growth after warm-up < 5%: worker": worker_growth is not None and worker_growth < 0.05,
+        **({"worker growth beyond vLLM's own (control, same requests) < 5 points":
+            control["max_excess"] is not None and control["max_excess"] < 0.05} if control else {}),
         "every malformed load refused with a 4xx": all(
             isinstance(x, int) and 400 <= x < 500 for v in run.catalogue_results.values() for x in v),
         "file changes: validated content or clean 4xx": mutation_violations == 0,
@@ -1129,9 +1163,9 @@ def build_report(run: Run, drained: dict, args) -> dict:
                    "prefix_cached_tokens_reported_to_clients": run.prefix_cached_tokens},
         "memory": {**mem, "max_process_growth_after_warmup": growth, "worker_growth_after_warmup": worker_growth,
                    "front_growth_after_warmup": front_growth, "control (no IAPT)": control,
-                   "timeline (t s, server, requests done, {process: RSS MiB})": [
+                   TIMELINE: [
                        [row["t"], row["incarnation"], row["done"],
-                        {name: round(rss / 1024, 1) for name, rss in row["procs"].values()}]
+                        {name: [round(rss / 1024, 1), round(anon / 1024, 1)] for name, rss, anon in row["procs"].values()}]
                        for row in run.sampler.samples[:: max(1, len(run.sampler.samples) // 400)]]},
         "pool": {"completion_prompts": len(run.cmpl_ok), "chat_prompts": len(run.chat_ok),
                  "dropped_near_ties": run.dropped_prompts, "models": run.served_models,
@@ -1204,21 +1238,32 @@ def write_markdown(rep: dict, path: Path) -> None:
     lines += ["", "## Resources", "",
               f"After drain: KV cache usage {kv['kv_cache_usage_perc']} of {kv['num_gpu_blocks']} blocks "
               f"(blocks in use: {kv['blocks_in_use']}), running {kv['running']}, waiting {kv['waiting']}.", "",
-              "| server | process | RSS start (MiB) | after warm-up | end | growth after warm-up |",
-              "|---|---|---|---|---|---|"]
+              "Resident memory of every server process (VmRSS, and RssAnon: anonymous memory, what a leak grows; "
+              "VmRSS also counts file-backed pages that the kernel drops and reloads when other processes need "
+              "memory). Growth is RssAnon's, from the end of the warm-up (the first "
+              f"{100 * rep['settings']['warmup_fraction']:.0f}% of each server's requests) to the end.", "",
+              "| server | process | VmRSS start / after warm-up / end (MiB) | RssAnon start / after warm-up / end (MiB) "
+              "| growth after warm-up |",
+              "|---|---|---|---|---|"]
     for m in rep["memory"]["incarnations"]:
         for name, p in m["processes"].items():
             g = p["growth_after_warmup"]
             lines.append(f"| {m['incarnation']} ({m['requests_served']} req{'' if m['judged'] else ', not judged'}) | "
-                         f"{name} | {p['rss_start_mib']} | {p['rss_after_warmup_mib']} | {p['rss_end_mib']} | "
+                         f"{name} | {p['rss_start_mib']} / {p['rss_after_warmup_mib']} / {p['rss_end_mib']} | "
+                         f"{p.get('anon_start_mib')} / {p.get('anon_after_warmup_mib')} / {p.get('anon_end_mib')} | "
                          f"{'-' if g is None else f'{100 * g:.2f}%'} |")
     c = rep["memory"].get("control (no IAPT)")
     if c:
         lines += ["", f"Control run without IAPT (the base model only, same engine settings and traffic shape, "
-                  f"no faults; `{c['command']}`, {c['requests']} requests): worker RSS start / after warm-up / end "
+                  f"no faults; `{c['command']}`, {c['requests']} requests): worker RssAnon start / after warm-up / end "
                   f"{' ; '.join(' / '.join(str(x) for x in w) for w in c['worker_rss_mib'])} MiB, growth after warm-up "
-                  f"{100 * c['worker_growth_after_warmup']:.2f}%. The worker's growth is vLLM's own (CPU build) "
-                  "unless the IAPT run's is clearly larger."]
+                  f"{100 * c['worker_growth_after_warmup']:.2f}% (after its first 20%). Over the same request "
+                  "windows as each server above (the control worker's RSS after as many requests as that server's "
+                  "warm-up and as its end):", "",
+                  "| server | requests (warm-up..end) | worker growth, IAPT | worker growth, control | excess |",
+                  "|---|---|---|---|---|",
+                  *[f"| {w['server']} | {w['requests'][0]}..{w['requests'][1]} | {100 * w['iapt_worker_growth']:.2f}% | "
+                    f"{100 * w['control_worker_growth']:.2f}% | {100 * w['excess']:+.2f} points |" for w in c["same_window"]]]
     lines += ["", "![latency and memory](soak.png)", ""]
     if rep["problems (first 50)"]:
         lines += ["## Problems (first 50)", "", "```"]
@@ -1249,12 +1294,13 @@ def plot(run: Run, path: Path) -> None:
     a1.legend(loc="upper right")
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for row in run.sampler.samples:
-        for pid, (name, rss) in row["procs"].items():
-            series[f"{name} #{row['incarnation']}"].append((row["t"], rss / 1024))
+        for pid, (name, rss, anon) in row["procs"].items():
+            series[f"{name} #{row['incarnation']}"].append((row["t"], rss / 1024, anon / 1024))
     for label, pts in sorted(series.items()):
-        if len(pts) > 1:
-            a2.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
-    a2.set_ylabel("RSS (MiB)")
+        if len(pts) > 1 and max(p[1] for p in pts) > 50:
+            line, = a2.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+            a2.plot([p[0] for p in pts], [p[2] for p in pts], color=line.get_color(), linestyle=":")
+    a2.set_ylabel("RSS (MiB); dotted: RssAnon")
     a2.set_xlabel("time (s)")
     a2.legend(loc="upper left", fontsize=7)
     for e in run.events:

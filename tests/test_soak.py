@@ -42,7 +42,7 @@ def test_checker_tells_correct_leak_and_mismatch():
 
 def test_memory_growth_is_measured_after_warmup():
     def row(t, done, rss):
-        return {"t": t, "incarnation": 1, "done": done, "procs": {1: ["api-server", rss], 2: ["EngineCore", 1000]}}
+        return {"t": t, "incarnation": 1, "done": done, "procs": {1: ["api-server", rss + 50, rss], 2: ["EngineCore", 1000, 900]}}
 
     samples = [row(0, 0, 500), row(1, 10, 1000), row(2, 50, 1010), row(3, 100, 1200)]
     mem = soak.memory_summary(samples, 0.2, 100)["incarnations"][0]
