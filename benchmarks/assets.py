@@ -24,19 +24,25 @@ class ModelSize:
     num_layers: int
     intermediate_size: int
     vocab_size: int
+    num_kv_heads: int | None = None  # None: as many as query heads
+    real_model: str | None = None    # a real checkpoint (vllm_iapt.models) instead of random weights
 
     @property
     def num_heads(self) -> int:
         return self.hidden_size // 64
 
+    @property
+    def kv_dim(self) -> int:
+        return 64 * (self.num_kv_heads or self.num_heads)
+
     def num_parameters(self) -> int:
-        d, f = self.hidden_size, self.intermediate_size
-        return self.num_layers * (4 * d * d + 3 * d * f + 2 * d) + 2 * self.vocab_size * d + d
+        d, f, kv = self.hidden_size, self.intermediate_size, self.kv_dim
+        return self.num_layers * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + 2 * self.vocab_size * d + d
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each LoRA target module in one layer."""
-        d, f = self.hidden_size, self.intermediate_size
-        return {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d),
+        d, f, kv = self.hidden_size, self.intermediate_size, self.kv_dim
+        return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
                 "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
 
@@ -45,10 +51,17 @@ SIZES = {
     "default": ModelSize(hidden_size=768, num_layers=12, intermediate_size=2048, vocab_size=4096),
     # the test suite's smoke run
     "tiny": ModelSize(hidden_size=128, num_layers=2, intermediate_size=256, vocab_size=512),
+    # the real pretrained model (vllm-iapt get-model smollm2); tied embeddings, so fewer than num_parameters()
+    "smollm2": ModelSize(hidden_size=576, num_layers=30, intermediate_size=1536, vocab_size=49152, num_kv_heads=3,
+                         real_model="smollm2"),
 }
 
 
 def build_model(out: Path, size: ModelSize, seed: int = 0) -> Path:
+    if size.real_model:
+        from vllm_iapt.models.smollm2 import get_model  # the one real model so far
+
+        return get_model()
     if (out / "config.json").is_file():
         return out
     rng = random.Random(seed)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 #: Which base-model run each system is also compared with: the one with the
 #: engine settings that system forces.
-SAME_SETTINGS = {"iapt": "base-eager-nochunk", "lora": "base-eager"}
+SAME_SETTINGS = {"iapt": "base-nochunk", "lora": "base-eager"}
 
 
 def _baseline(results: list[dict], system: str, r: dict) -> dict | None:
@@ -35,7 +35,11 @@ def markdown(results: list[dict], meta: dict) -> str:
            f"vLLM {meta['versions']['vllm']}, torch {meta['versions']['torch']}; adapter slots {meta['slots']}, "
            f"IAPT r={meta['bottleneck']}. Command: `{meta['command']}`", "",
            "Ratios are to the base model in the same run: `base` = vLLM defaults; `same` = the base model with the "
-           "settings that system forces (IAPT: eager, no chunked prefill; LoRA: eager).", "",
+           "settings that system forces (IAPT: no chunked prefill; LoRA: eager).", "",
+           *([f"All servers ran at once; each figure is the median of {meta['interleaved_repeats']} runs taken in "
+              "turn on every server (fresh prompts per round, the same prompts for every system within a round), "
+              "so that load from elsewhere hits every system alike. Output tok/s ranges over the rounds are in the "
+              "JSON (`output_throughput_range`).", ""] if meta.get("interleaved_repeats") else []),
            "| system | prompt | conc. | N | out tok/s | req/s | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms "
            "| tok/s vs base | tok/s vs same | TTFT vs base | TTFT vs same | max running |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

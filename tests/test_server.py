@@ -353,10 +353,25 @@ def test_concurrent_tenants_with_runtime_load_and_unload(server, reference):
 def test_bad_startup_adapter_stops_the_server(tiny_model_dir, tmp_path):
     bad = tmp_path / "broken-adapter"
     random_adapter(bad, hidden_size=128, num_hidden_layers=3, seed=1)  # the model has 2 layers
-    cmd = lambda port: serve_command(tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"broken={bad}")  # noqa: E731
+    # Eager: the engine starts before the adapters are checked, and compiling it would only cost time here.
+    cmd = lambda port: serve_command(tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"broken={bad}",  # noqa: E731
+                                     "--enforce-eager")
     with pytest.raises(RuntimeError, match="server exited") as e:
         with ServerProcess(cmd, tmp_path / "server.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}):
             pass
     assert "server exited with 0" not in str(e.value)
     log = (tmp_path / "server.log").read_text(errors="replace")
     assert "cannot load adapter 'broken'" in log and "num_hidden_layers" in log, log[-3000:]
+
+
+def test_beam_search_with_an_adapter_is_a_400(server):
+    from openai import BadRequestError
+
+    client = server.client()
+    beam = {"use_beam_search": True, "n": 2}
+    with pytest.raises(BadRequestError, match="beam search is not supported with IAPT adapters") as e:
+        complete(client, "sort", [1, 9, 9], max_tokens=4, extra_body=beam)
+    assert e.value.status_code == 400
+    # The base model's beam search is vLLM's own, and the server keeps serving adapters.
+    assert len(complete(client, BASE, [1, 9, 9], max_tokens=4, extra_body=beam).choices) == 2
+    assert complete(client, "sort", [1, 9, 9]).choices[0].finish_reason == "length"

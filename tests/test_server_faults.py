@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -71,7 +72,7 @@ def server(tiny_model_dir, adapter_factory, tmp_path_factory):
     cmd = lambda port: serve_command(  # noqa: E731
         tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"sort={sort}", "--iapt-adapter-dir", str(root),
         "--max-runtime-iapt-adapters", "6", "--iapt-snapshot-dir", str(snapshots), "--api-key", KEY,
-        "--max-num-seqs", "1")
+        "--max-num-seqs", "1", "--max-model-len", "2048", "--max-num-batched-tokens", "2048")
     env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     with ServerProcess(cmd, log, env, api_key=KEY) as proc:
         yield Server(proc, root, originals, snapshots, sort)
@@ -96,26 +97,29 @@ def test_api_key_protects_iapt_routes(server, tmp_path):
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "extra0"}).status_code == 200
 
 
-def _waiting_and_running(metrics: str) -> float:
-    total = 0.0
-    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running"):
-        total += sum(float(v) for v in re.findall(r"^%s\{[^}]*\} (\S+)$" % re.escape(name), metrics, re.M))
-    return total
+def _metric(metrics: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(r"^%s\{[^}]*\} (\S+)$" % re.escape(name), metrics, re.M))
+
+
+def _in_engine_or_finished(metrics: str) -> float:
+    """Requests the engine has accepted: waiting, running, or finished (any reason)."""
+    return sum(_metric(metrics, n) for n in ("vllm:num_requests_waiting", "vllm:num_requests_running",
+                                              "vllm:request_success_total"))
 
 
 def test_files_changed_while_requests_are_queued(server, reference):
     """rt1 retrained in place, rt2 deleted, rt3's weights re-linked outside the
     directory, rt4's snapshot deleted, all while requests of every tenant are
-    queued (one runs at a time). The engine survives; other tenants are unaffected;
-    requests of a changed adapter are served with the content they were accepted
-    with, or fail cleanly (rt4, whose snapshot was removed)."""
+    queued behind long base-model requests that hold the single sequence slot.
+    The engine survives; other tenants are unaffected; requests of a changed
+    adapter are served with the content they were accepted with (rt1-rt3), or
+    fail cleanly with a 500 naming the adapter (rt4, whose snapshot was removed)."""
     for name in ("rt1", "rt2", "rt3", "rt4"):
         r = server.load(name)
         assert r.status_code == 200, r.text
     client = server.client(asynchronous=True)
-    # Other tenants first (long answers keep the single sequence slot busy), then
-    # the adapters whose files change, rt4 last (still waiting when its snapshot goes).
-    jobs = [(model, random_ids(8 + 3 * i, 100 + 7 * i + k), 128) for i in range(3)
+    # Other tenants first, then the adapters whose files change, rt4 last.
+    jobs = [(model, random_ids(8 + 3 * i, 100 + 7 * i + k), 32) for i in range(3)
             for k, model in enumerate([BASE, "sort"])]
     jobs += [(model, random_ids(9 + 2 * i, 150 + 7 * i + k), 32) for i in range(3)
              for k, model in enumerate(["rt1", "rt2", "rt3"])]
@@ -144,15 +148,29 @@ def test_files_changed_while_requests_are_queued(server, reference):
         shutil.rmtree(server.snapshots / rt4)
 
     async def main():
+        # Long base-model requests hold the single sequence slot, so that every job
+        # below is still queued when the files change; they are aborted afterwards.
+        finished_before = _in_engine_or_finished(await asyncio.to_thread(server.metrics))
+        blockers = []
+        for i in range(16):  # ~30k tokens: tens of seconds even on an idle machine
+            blockers.append(await client.completions.create(
+                model=BASE, prompt=random_ids(6, 900 + i), max_tokens=2000, stream=True, **GREEDY))
+            if i == 0:
+                await blockers[0].__anext__()  # running: everything after it queues
         tasks = [asyncio.create_task(one(*job)) for job in jobs]
-        deadline = time.monotonic() + 120
-        while (_waiting_and_running(await asyncio.to_thread(server.metrics)) + sum(t.done() for t in tasks)
-               < len(jobs)):
+        started = time.monotonic()
+        deadline = started + 300
+        while (_in_engine_or_finished(await asyncio.to_thread(server.metrics)) - finished_before
+               < len(jobs) + len(blockers)):
             assert time.monotonic() < deadline, "the requests were not all accepted"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
         # Every request has been accepted (validated and added to the engine).
+        print(f"all {len(jobs)} jobs accepted after {time.monotonic() - started:.1f}s; "
+              f"{sum(t.done() for t in tasks)} done")
         await asyncio.to_thread(apply_faults)
         pending = {job[0] for job, task in zip(jobs, tasks) if not task.done()}
+        for blocker in blockers:
+            await blocker.close()  # the client goes away: vLLM aborts the request
         return pending, await asyncio.gather(*tasks)
 
     pending, results = asyncio.run(main())
@@ -161,13 +179,13 @@ def test_files_changed_while_requests_are_queued(server, reference):
     failed_rt4 = 0
     for (model, ids, max_tokens), got in zip(jobs, results):
         expected = reference.generate(ids, paths[model], max_tokens).token_ids
-        if model == "rt4" and isinstance(got, Exception):
+        if model == "rt4":  # accepted, then its snapshot was deleted before it ran
             failed_rt4 += 1
             assert getattr(got, "status_code", None) == 500 and "IAPT adapter 'rt4'" in str(got), got
             continue
         assert not isinstance(got, Exception), (model, got)
         assert got == expected, (model, len(ids))
-    assert failed_rt4 >= 1, "rt4's snapshot was removed before its requests ran; they must fail cleanly"
+    assert failed_rt4 == 3, "rt4's snapshot was removed before its requests ran; they must fail cleanly"
 
     sync = server.client()
     # The server is alive and every tenant keeps working.
@@ -239,15 +257,25 @@ def test_two_api_servers_serve_every_adapter(tiny_model_dir, adapter_factory, tm
         tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"sort={sort}", f"reverse={reverse}",
         "--api-server-count", "2", "--enable-log-requests")
     paths = {BASE: None, "sort": sort, "reverse": reverse}
+    def ask(url, model, ids):
+        # A new client (a new connection) per request, many at once: both servers accept.
+        with OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
+            return client.completions.create(model=model, prompt=ids, max_tokens=6, **GREEDY)
+
+    def answering_pids(text: str) -> set[str]:
+        return set(re.findall(r"\((?:APIServer|ApiServer)\S* pid=(\d+)\)[^\n]*Received request", text))
+
     with ServerProcess(cmd, log, {"VLLM_CPU_KVCACHE_SPACE": "1"}) as proc:
-        jobs = [(model, random_ids(5 + i, 300 + i)) for i in range(12) for model in (BASE, "sort", "reverse")]
-        for model, ids in jobs:
-            # A new client (new connection) per request: the kernel spreads connections over both servers.
-            with OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
-                res = client.completions.create(model=model, prompt=ids, max_tokens=6, **GREEDY)
-            assert res.choices[0].token_ids == reference.generate(ids, paths[model], 6).token_ids, (model, len(ids))
-            assert res.model == model
+        for round_ in range(4):  # until both servers have answered (each round is checked in full)
+            jobs = [(model, random_ids(5 + i, 300 + 40 * round_ + i)) for i in range(12)
+                    for model in (BASE, "sort", "reverse")]
+            with ThreadPoolExecutor(12) as pool:
+                results = list(pool.map(lambda job: ask(proc.url, *job), jobs))
+            for (model, ids), res in zip(jobs, results):
+                assert res.choices[0].token_ids == reference.generate(ids, paths[model], 6).token_ids, (model, len(ids))
+                assert res.model == model
+            if len(answering_pids(log.read_text(errors="replace"))) >= 2:
+                break
         text = log.read_text(errors="replace")
-    answering = set(re.findall(r"\((APIServer\S*) pid=(\d+)\)[^\n]*Received request", text))
-    assert len({pid for _, pid in answering}) == 2, (answering, text[-3000:])
+    assert len(answering_pids(text)) == 2, text[-3000:]
     assert "LoRA is not enabled" not in text

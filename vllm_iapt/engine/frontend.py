@@ -57,6 +57,7 @@ class AdapterCatalog:
         self.capacity = capacity
         self._cache: OrderedDict[tuple, AdapterInfo] = OrderedDict()
         self._roots: dict[str, str] = {}
+        self._snapshots: dict[str, tuple | None] = {}  # snapshot path -> its files' stamp when written or checked
         self._lock = threading.Lock()
 
     @classmethod
@@ -90,7 +91,8 @@ class AdapterCatalog:
             if info is not None:
                 self._cache.move_to_end(key)
             root = self._roots.get(path)
-        if info is not None and self.store.exists(info.snapshot):
+        stamp = self.store.stamp(info.snapshot) if info is not None else None
+        if stamp is not None and self._snapshots.get(info.snapshot) == stamp:  # the snapshot is as written
             self.store.touch(info.snapshot)
             return info if info.name == name else dataclasses.replace(info, name=name)
         adapter, weights = read_adapter(path, name=name, hidden_size=self.hidden_size,
@@ -103,9 +105,13 @@ class AdapterCatalog:
         snapshot = self.store.put(adapter, weights)
         info = AdapterInfo(name, path, m, adapter.content_hash, snapshot)
         with self._lock:
+            self._snapshots[snapshot] = self.store.stamp(snapshot)
             self._cache[key] = info
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
+            if len(self._snapshots) > 4 * self.capacity:
+                live = {i.snapshot for i in self._cache.values()}
+                self._snapshots = {k: v for k, v in self._snapshots.items() if k in live}
         return info
 
 

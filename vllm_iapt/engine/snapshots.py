@@ -81,6 +81,17 @@ class SnapshotStore:
     def exists(self, path: str) -> bool:
         return os.path.isfile(os.path.join(path, WEIGHTS_NAME)) and os.path.isfile(os.path.join(path, CONFIG_NAME))
 
+    @staticmethod
+    def stamp(path: str) -> tuple | None:
+        """Identity of a snapshot's files as written (None if one is missing): a
+        snapshot changed behind the store's back no longer matches."""
+        try:
+            return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (
+                os.stat(os.path.join(path, CONFIG_NAME), follow_symlinks=False),
+                os.stat(os.path.join(path, WEIGHTS_NAME), follow_symlinks=False)))
+        except OSError:
+            return None
+
     def touch(self, path: str) -> None:
         """Marks a snapshot as used now (its mtime), at most every few seconds."""
         now = time.monotonic()
@@ -100,7 +111,7 @@ class SnapshotStore:
         final = self.path_of(adapter.content_hash)
         config = config_bytes(adapter.config)
         with self._lock:
-            if self._complete(final, len(config), len(weights)):
+            if self._holds(final, config, weights):
                 self._touched.pop(final, None)
                 self.touch(final)
                 return final
@@ -117,12 +128,27 @@ class SnapshotStore:
                 try:
                     os.rename(tmp, final)
                 except OSError:
-                    if not self._complete(final, len(config), len(weights)):
+                    if not self._holds(final, config, weights):
                         raise
                     # Another process wrote the same content first.
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return final
+
+    @staticmethod
+    def _holds(path: str, config: bytes, weights: bytes) -> bool:
+        """Whether the snapshot at ``path`` holds exactly these bytes (a damaged one
+        is written again)."""
+        if not SnapshotStore._complete(path, len(config), len(weights)):
+            return False
+        try:
+            for name, data in ((CONFIG_NAME, config), (WEIGHTS_NAME, weights)):
+                with open(os.path.join(path, name), "rb") as f:
+                    if f.read(len(data) + 1) != data:
+                        return False
+        except OSError:
+            return False
+        return True
 
     @staticmethod
     def _complete(path: str, config_size: int, weights_size: int) -> bool:

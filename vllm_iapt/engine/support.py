@@ -108,6 +108,9 @@ def check_and_adjust(vllm_config: "VllmConfig", cfg: IAPTEngineConfig) -> None:
     from vllm_iapt.engine.layers import SPLITTING_OP
 
     _check_patches()
+    from vllm_iapt.engine.snapshots import snapshot_root
+
+    snapshot_root(cfg.snapshot_dir, create=True)  # private to this user, or start-up is refused
     model, sched, parallel = vllm_config.model_config, vllm_config.scheduler_config, vllm_config.parallel_config
     checked_architecture(getattr(model.hf_config, "architectures", None))
     if vllm_config.use_v2_model_runner:

@@ -16,7 +16,6 @@ become path components) and their files must resolve, symlinks followed, inside
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 from collections import OrderedDict
@@ -24,7 +23,7 @@ from collections import OrderedDict
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
-from vllm_iapt.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from vllm_iapt.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_config_json
 from vllm_iapt.engine.frontend import AdapterCatalog, AdapterInfo
 
 
@@ -119,10 +118,10 @@ class IAPTDirectoryResolver(LoRAResolver):
         config = os.path.join(path, CONFIG_NAME)
         if not (os.path.isdir(path) and _inside(os.path.realpath(config), self.adapter_dir)):
             return None
-        try:
-            with open(config) as f:
-                peft_type = json.load(f).get("peft_type")
-        except (OSError, ValueError, AttributeError):
+        try:  # bounded, and confined on the open file (a symlink swapped in meanwhile is refused)
+            _, data = await asyncio.to_thread(read_config_json, lora_name, config, self.adapter_dir)
+            peft_type = data.get("peft_type")
+        except (AdapterError, AttributeError):
             return None
         if peft_type != "IAPT":
             return None

@@ -60,6 +60,11 @@ class TrainConfig(BaseModel):
     eval_steps: int = Field(50, ge=1)
     save_steps: int = Field(100, ge=1)
     logging_steps: int = Field(10, ge=1)
+    init: Literal["random", "first_token"] = Field(
+        "random", description="generator initialisation: random (up.bias zero) or first_token (each layer's "
+        "up.bias = the hidden state entering that layer at the first instruction token, so the soft rows start "
+        "as copies of the sequence's first row; advisable on a pretrained model, whose first row acts as an "
+        "attention sink)")
     seed: int = 0
     resume: bool = Field(False, description="resume from the last checkpoint in output_dir/checkpoints")
     progress: bool = Field(True, description="show a progress bar")
@@ -108,6 +113,25 @@ def build_model(cfg: TrainConfig, base=None) -> IAPTForCausalLM:
     return IAPTForCausalLM(base, acfg)
 
 
+@torch.no_grad()
+def init_from_first_token(model: IAPTForCausalLM, instructions: list[list[int]]) -> None:
+    """Sets every generator's ``up.bias`` to the hidden state entering its layer at the
+    first instruction token (averaged over ``instructions``; position 0, where that
+    state does not depend on the rest of the prompt).
+
+    With the default init the soft rows start near zero, which a pretrained model has
+    never seen at the head of a sequence: its first row is the attention sink most
+    heads rely on, and training from there diverged on SmolLM2-135M. Starting the
+    soft rows as copies of the first row keeps the model close to the base model at
+    step 0 (the up projection's weight stays small and random, so gradients flow).
+    """
+    firsts = torch.tensor([ids[0] for ids in instructions if ids])
+    out = model.base(input_ids=firsts.unsqueeze(1), output_hidden_states=True)
+    for layer, g in model.generators.items():
+        h = out.hidden_states[int(layer)][:, 0].float().mean(0)  # the input of decoder layer `layer`
+        g.up.bias.copy_(h.to(g.up.bias.dtype))
+
+
 def train(cfg: TrainConfig) -> dict[str, float]:
     """Train, write the adapter to ``cfg.output_dir`` and return the final metrics."""
     torch.manual_seed(cfg.seed)
@@ -119,6 +143,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         train_ex, eval_ex = _split(examples, cfg.eval_fraction, cfg.seed)
     model = build_model(cfg)
     model.base.eval()  # frozen; no dropout in the base
+    if cfg.init == "first_token" and not cfg.resume:
+        init_from_first_token(model, [e.instruction_ids for e in train_ex[:16]])
 
     rational = [p for n, p in model.generators.named_parameters() if n.endswith(("numerator", "denominator"))]
     others = [p for n, p in model.generators.named_parameters() if not n.endswith(("numerator", "denominator"))]

@@ -1,0 +1,1 @@
+"""Real pretrained models that vllm-iapt can fetch from PyPI packages and convert locally."""
