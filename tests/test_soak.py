@@ -55,7 +55,8 @@ def test_memory_growth_is_measured_after_warmup():
 @pytest.mark.timeout(1200)
 def test_quick_soak_meets_targets(tmp_path):
     out = tmp_path / "soak"
-    proc = subprocess.run([sys.executable, "benchmarks/soak.py", "--quick", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "benchmarks/soak.py", "--quick", "--out", str(out),
+                           "--work-dir", str(tmp_path / "work")], cwd=ROOT,
                           capture_output=True, text=True, timeout=1100)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     rep = json.loads((out / "soak.json").read_text())
