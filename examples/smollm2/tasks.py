@@ -3,7 +3,7 @@
 Each tenant is a *prefix* the teacher (the base model) sees before the user's message:
 a system prompt followed by a few example turns. SmolLM2-135M-Instruct mostly ignores
 a bare system prompt, so the examples are what makes the teacher follow the rules;
-the whole prefix (364-478 tokens, see the model card) is what the adapter replaces.
+the whole prefix (321-443 tokens, see the model card) is what the adapter replaces.
 Each tenant has a rule its answers can be checked with.
 
 User messages are made from seeds (templates x fillers), so the data is reproducible
