@@ -237,6 +237,9 @@ def test_cli_flags_for_the_bounds():
     iapt = AsyncEngineArgs.from_cli_args(args).additional_config["iapt"]
     assert iapt == {"max_runtime_adapters": 5, "max_cpu_adapter_bytes": 1000, "snapshot_dir": "/x/y",
                     "max_snapshot_bytes": 2000}
+    # The folded options are on the namespace too: extra API servers (--api-server-count > 1)
+    # build their engine args from it before the plugin's flags exist in their process.
+    assert args.additional_config["iapt"] == iapt
     IAPTEngineConfig.model_validate(iapt)
 
 
