@@ -217,7 +217,9 @@ def test_engine_args_patch_failure_still_refuses_iapt(monkeypatch, tiny_model_di
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_iapt import patches
+    from vllm_iapt.engine import plugin
 
+    plugin.register()  # the real patches first, so that what is restored below is the patched method
     monkeypatch.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)  # restored after
     monkeypatch.setitem(patches.FAILED, "engine_args", "AttributeError: simulated")
     patches._fallback_guard()
