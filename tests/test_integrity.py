@@ -217,7 +217,9 @@ def test_engine_args_patch_failure_still_refuses_iapt(monkeypatch, tiny_model_di
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_iapt import patches
+    from vllm_iapt.engine import plugin
 
+    plugin.register()  # the real patches first, so that what is restored below is the patched method
     monkeypatch.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)  # restored after
     monkeypatch.setitem(patches.FAILED, "engine_args", "AttributeError: simulated")
     patches._fallback_guard()
@@ -237,9 +239,69 @@ def test_cli_flags_for_the_bounds():
     iapt = AsyncEngineArgs.from_cli_args(args).additional_config["iapt"]
     assert iapt == {"max_runtime_adapters": 5, "max_cpu_adapter_bytes": 1000, "snapshot_dir": "/x/y",
                     "max_snapshot_bytes": 2000}
+    # The folded options are on the namespace too: extra API servers (--api-server-count > 1)
+    # build their engine args from it before the plugin's flags exist in their process.
+    assert args.additional_config["iapt"] == iapt
     IAPTEngineConfig.model_validate(iapt)
 
 
+# -- a patch module that cannot be imported ------------------------------------------
+
+BREAKER = '''
+import importlib.abc, sys
+
+class _Breaker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "vllm_iapt.patches.beam_search":
+            raise ImportError("simulated: vLLM moved the beam search module")
+        return None
+
+sys.meta_path.insert(0, _Breaker())
+'''
+
+
+@pytest.fixture(scope="module")
+def broken_env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("breaker")
+    (d / "sitecustomize.py").write_text(BREAKER)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(d), str(HARNESS.parent)]),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def _harness(tmp_path, spec, env):
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(HARNESS), str(tmp_path / "spec.json")], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=HARNESS.parent)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):]), proc.stderr
+
+
+@pytest.mark.engine
+def test_broken_patch_module_leaves_plain_vllm_working(tmp_path, tiny_model_dir, broken_env, reference):
+    ids = random_ids(12, 3)
+    spec = {"model": str(tiny_model_dir), "engine": {"enforce_eager": True},
+            "batches": [{"items": [{"ids": ids}], "sampling": GREEDY}]}
+    result, log = _harness(tmp_path, spec, broken_env)
+    assert "batches" in result, result
+    assert result["batches"][0][0]["outputs"][0]["token_ids"] == reference.generate(ids, None, 8).token_ids
+    assert "could not patch vLLM" in log and "beam_search" in log
+    # The CLI works too.
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    out = subprocess.run([vllm, "serve", "--help=IAPT"], capture_output=True, text=True, timeout=300, env=broken_env)
+    assert out.returncode == 0 and "--enable-iapt" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.engine
+def test_broken_patch_module_refuses_iapt(tmp_path, tiny_model_dir, broken_env):
+    spec = {"model": str(tiny_model_dir), "engine": {"enforce_eager": True, "additional_config": {"iapt": {}}},
+            "batches": []}
+    result, _ = _harness(tmp_path, spec, broken_env)
+    error = result["startup_error"]
+    assert "PatchError" in error and "vLLM 0.32.0" in error and "beam_search" in error, error
+
+
+# (the tests above run before the in-process engine below exists: two engines at once do not fit here)
 # -- the in-process engine --------------------------------------------------------
 
 
@@ -350,61 +412,6 @@ def test_prefix_cache_shared_by_content_not_name(llm, reference, tmp_path):
     assert other.num_cached_tokens == 0, "other content must never share blocks"
     assert same.outputs[0].token_ids == first.outputs[0].token_ids == reference.generate(prompt, tmp_path / "x", 8).token_ids
     assert other.outputs[0].token_ids == reference.generate(prompt, tmp_path / "y", 8).token_ids
-
-
-# -- a patch module that cannot be imported ------------------------------------------
-
-BREAKER = '''
-import importlib.abc, sys
-
-class _Breaker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "vllm_iapt.patches.beam_search":
-            raise ImportError("simulated: vLLM moved the beam search module")
-        return None
-
-sys.meta_path.insert(0, _Breaker())
-'''
-
-
-@pytest.fixture(scope="module")
-def broken_env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("breaker")
-    (d / "sitecustomize.py").write_text(BREAKER)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(d), str(HARNESS.parent)]),
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-
-
-def _harness(tmp_path, spec, env):
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(HARNESS), str(tmp_path / "spec.json")], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=HARNESS.parent)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):]), proc.stderr
-
-
-@pytest.mark.engine
-def test_broken_patch_module_leaves_plain_vllm_working(tmp_path, tiny_model_dir, broken_env, reference):
-    ids = random_ids(12, 3)
-    spec = {"model": str(tiny_model_dir), "engine": {"enforce_eager": True},
-            "batches": [{"items": [{"ids": ids}], "sampling": GREEDY}]}
-    result, log = _harness(tmp_path, spec, broken_env)
-    assert result["batches"][0][0]["outputs"][0]["token_ids"] == reference.generate(ids, None, 8).token_ids
-    assert "could not patch vLLM" in log and "beam_search" in log
-    # The CLI works too.
-    vllm = str(Path(sys.executable).with_name("vllm"))
-    out = subprocess.run([vllm, "serve", "--help=IAPT"], capture_output=True, text=True, timeout=300, env=broken_env)
-    assert out.returncode == 0 and "--enable-iapt" in out.stdout, out.stderr[-3000:]
-
-
-@pytest.mark.engine
-def test_broken_patch_module_refuses_iapt(tmp_path, tiny_model_dir, broken_env):
-    spec = {"model": str(tiny_model_dir), "engine": {"enforce_eager": True, "additional_config": {"iapt": {}}},
-            "batches": []}
-    result, _ = _harness(tmp_path, spec, broken_env)
-    error = result["startup_error"]
-    assert "PatchError" in error and "vLLM 0.32.0" in error and "beam_search" in error, error
 
 
 def test_resolver_reads_bounded_and_confined(tmp_path):
