@@ -89,7 +89,9 @@ def llm(model_dir):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from engine_harness import make_llm, shutdown
 
-    llm = make_llm(str(model_dir), max_model_len=1024, enforce_eager=True,
+    # 32-token KV blocks (CPU default 128): a templated chat prompt here is 50-70 tokens,
+    # and prefix-cache hits are whole blocks.
+    llm = make_llm(str(model_dir), max_model_len=1024, enforce_eager=True, block_size=32,
                    additional_config={"iapt": {"max_adapters": 4}})
     yield llm
     shutdown(llm)
@@ -204,7 +206,8 @@ def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("smollm2-server") / "server.log"
     cmd = lambda port: vllm_serve(  # noqa: E731
         str(model_dir), "--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len", "1024",
-        "--seed", "0", "--enable-iapt", "--iapt-modules", *modules, "--enable-prompt-tokens-details", port=port)
+        "--seed", "0", "--block-size", "32", "--enable-iapt", "--iapt-modules", *modules,
+        "--enable-prompt-tokens-details", port=port)
     with ServerProcess(cmd, log, {"VLLM_CPU_KVCACHE_SPACE": "1"}) as proc:
         yield proc
 
