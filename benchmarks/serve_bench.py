@@ -223,7 +223,10 @@ def run_interleaved(chosen: list[System], runs: list[Run], base_runs: list[Run],
             cmd = lambda port, system=system: vllm_serve(str(model_dir), *common, *system.serve_args, port=port)  # noqa: E731
             servers[system.name] = stack.enter_context(
                 ServerProcess(cmd, out / "logs" / f"{system.name}.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}))
-        plan = [(system, run) for run in list(dict.fromkeys(runs + base_runs)) for system in chosen
+        # Base-model runs next to the adapter runs with the same prompt length and concurrency,
+        # so that every ratio compares measurements taken minutes apart, not a round apart.
+        ordered = sorted(dict.fromkeys(base_runs + runs), key=lambda r: (r.prompt_len, r.concurrency, r.num_adapters))
+        plan = [(system, run) for run in ordered for system in chosen
                 if (run.num_adapters > 0) == bool(system.adapter_names)]
         for system in chosen:  # warm-up: compilation, allocator, first adapter loads; not measured
             first = next(r for s, r in plan if s is system)
