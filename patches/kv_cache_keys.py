@@ -27,14 +27,13 @@ from __future__ import annotations
 
 from vllm.v1.core import kv_cache_utils
 
-from vllm_iapt.engine.frontend import EXTRA_ARGS_KEY
+from vllm_iapt.engine.frontend import SALT_PREFIX, iapt_entry
 
 
 def _is_iapt(request) -> bool:
-    params = getattr(request, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
     # Only with our salt in place: it is what separates adapter contents.
-    return EXTRA_ARGS_KEY in extra and str(getattr(request, "cache_salt", None) or "").startswith("iapt:")
+    return (iapt_entry(getattr(request, "sampling_params", None)) is not None
+            and str(getattr(request, "cache_salt", None) or "").startswith(SALT_PREFIX))
 
 
 def apply() -> None:

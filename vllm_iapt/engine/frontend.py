@@ -125,11 +125,14 @@ def prompt_hash(token_ids: list[int]) -> str:
     return hashlib.sha256(b"".join(t.to_bytes(4, "little", signed=False) for t in token_ids)).hexdigest()
 
 
+SALT_PREFIX = "iapt:"
+
+
 def cache_salt(info: AdapterInfo, token_ids: list[int], user_salt: str | None) -> str:
     """Block 0's extra hash key. vLLM chains block hashes, so this key makes every
     block of the sequence specific to the adapter's *content* and to the *whole*
     instruction (spec section 5); the user's own salt is kept inside it."""
-    salt = f"iapt:{info.content_hash}:{prompt_hash(token_ids)}"
+    salt = f"{SALT_PREFIX}{info.content_hash}:{prompt_hash(token_ids)}"
     return salt if user_salt is None else f"{salt}:{user_salt}"
 
 
@@ -161,10 +164,14 @@ def extra_args(info: AdapterInfo) -> dict[str, Any]:
             "path": info.snapshot, "source": info.path}
 
 
+def iapt_entry(sampling_params: Any) -> dict[str, Any] | None:
+    """The :func:`extra_args` a request carries (None without an IAPT adapter)."""
+    return (getattr(sampling_params, "extra_args", None) or {}).get(EXTRA_ARGS_KEY)
+
+
 def soft_token_count(sampling_params: Any) -> int:
     """``m`` of a request (0 if it has no IAPT adapter)."""
-    extra = getattr(sampling_params, "extra_args", None) or {}
-    entry = extra.get(EXTRA_ARGS_KEY)
+    entry = iapt_entry(sampling_params)
     return int(entry["m"]) if entry else 0
 
 

@@ -17,7 +17,7 @@ import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
 
 from vllm_iapt.engine.adapter_manager import DeviceAdapter, IAPTAdapterManager
-from vllm_iapt.engine.frontend import EXTRA_ARGS_KEY
+from vllm_iapt.engine.frontend import iapt_entry
 
 
 @dataclass
@@ -75,7 +75,7 @@ def build_plan(
     row_start = np.cumsum(num_scheduled) - num_scheduled
     by_adapter: dict[str, tuple[dict, list[np.ndarray], list[np.ndarray], list[int], list[str]]] = {}
     for i in starting.tolist():
-        extra = (sampling_params_of(req_ids[i]).extra_args or {}).get(EXTRA_ARGS_KEY)
+        extra = iapt_entry(sampling_params_of(req_ids[i]))
         if extra is None:
             continue
         m, prompt_len, start = extra["m"], int(num_prompt_tokens[i]), int(row_start[i])
@@ -122,6 +122,6 @@ def _fail_cache_hits_of_failed_adapters(manager, req_ids, lora_ids, num_computed
     """Requests that finish a prefill on cached blocks of an adapter whose load just
     failed could have hit blocks whose soft rows were never written: fail them too."""
     for i in np.flatnonzero((lora_ids > 0) & (num_computed > 0) & (num_computed < num_prompt_tokens)).tolist():
-        extra = (sampling_params_of(req_ids[i]).extra_args or {}).get(EXTRA_ARGS_KEY)
+        extra = iapt_entry(sampling_params_of(req_ids[i]))
         if extra is not None and extra["content_hash"] in manager.failed_hashes:
             manager.record_failures({req_ids[i]: manager.failed_hashes[extra["content_hash"]]})
