@@ -177,14 +177,25 @@ def main() -> None:
     common = ["--dtype", "float32", "--max-model-len", "2048", "--max-num-batched-tokens", "2048", "--seed", "0",
               "--served-model-name", str(model_dir)]
     base_runs = list(dict.fromkeys(Run(r.prompt_len, r.output_len, r.concurrency, 0, r.num_prompts) for r in runs))
-    jobs = [(s, r) for s in chosen for r in (runs if s.adapter_names else base_runs)]
     if args.interleave:
         results = run_interleaved(chosen, runs, base_runs, model_dir, common, raw, out, args.seed, args.interleave)
-        jobs = []
     else:
-        results = []
-    bar = tqdm(total=len(jobs), desc="benchmark runs", disable=not jobs)
-    for system in chosen if jobs else []:
+        results = run_sequential(chosen, runs, base_runs, model_dir, common, raw, out, args.seed)
+    meta = {"interleaved_repeats": args.interleave, "model": size_name, "parameters": size.num_parameters(), "machine": platform.machine(),
+            "processor": platform.processor(), "python": platform.python_version(), "cores": _cores(),
+            "versions": _versions(), "command": " ".join(sys.argv), "slots": args.slots, "bottleneck": args.bottleneck}
+    from report import write_report
+
+    write_report(results, meta, out)
+
+
+def run_sequential(chosen: list[System], runs: list[Run], base_runs: list[Run], model_dir: Path, common: list[str],
+                   raw: Path, out: Path, seed: int) -> list[dict]:
+    """One server at a time, each with its own warm-up."""
+    jobs = [(s, r) for s in chosen for r in (runs if s.adapter_names else base_runs)]
+    results = []
+    bar = tqdm(total=len(jobs), desc="benchmark runs")
+    for system in chosen:
         mine = [r for s, r in jobs if s is system]
         bar.set_postfix(system=system.name, refresh=True)
         env = {"VLLM_CPU_KVCACHE_SPACE": "4"}
@@ -192,21 +203,16 @@ def main() -> None:
         with ServerProcess(cmd, out / "logs" / f"{system.name}.log", env) as srv:
             # Warm-up (compilation, allocator, first adapter loads), not measured.
             warm = Run(mine[0].prompt_len, 16, mine[0].concurrency, mine[0].num_adapters, mine[0].concurrency)
-            bench(srv, model_dir, system, warm, raw, args.seed + 1, name=f"{system.name}-warmup.json")
+            bench(srv, model_dir, system, warm, raw, seed + 1, name=f"{system.name}-warmup.json")
             for run in mine:
                 bar.set_postfix(system=system.name, run=f"p{run.prompt_len} c{run.concurrency} n{run.num_adapters}")
-                res = bench(srv, model_dir, system, run, raw, args.seed)
+                res = bench(srv, model_dir, system, run, raw, seed)
                 res["note"] = system.note
                 res["serve_command"] = " ".join(srv.cmd)
                 results.append(res)
                 bar.update()
     bar.close()
-    meta = {"interleaved_repeats": args.interleave, "model": size_name, "parameters": size.num_parameters(), "machine": platform.machine(),
-            "processor": platform.processor(), "python": platform.python_version(), "cores": _cores(),
-            "versions": _versions(), "command": " ".join(sys.argv), "slots": args.slots, "bottleneck": args.bottleneck}
-    from report import write_report
-
-    write_report(results, meta, out)
+    return results
 
 
 def run_interleaved(chosen: list[System], runs: list[Run], base_runs: list[Run], model_dir: Path, common: list[str],
