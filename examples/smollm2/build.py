@@ -288,6 +288,11 @@ mean unigram F1 with the teacher's answer.
 Samples (first held-out messages) are in `results.json`. Rebuild everything with
 `examples/smollm2/build.py all` (the training step dominates; per-tenant minutes above);
 `tests/test_smollm2.py` re-checks the rule figures on a held-out sample.
+
+**Serving cost.** What a tenant costs to serve, against the same model given the tenant's
+prefix in every request (prefix caching on), is measured by `benchmarks/prompt_vs_iapt.py`
+([results](../../benchmarks/results/prompt_vs_iapt.md)); IAPT against multi-LoRA on this
+model by `benchmarks/serve_bench.py --size smollm2` ([results](../../benchmarks/results/smollm2/serve_bench.md)).
 """)
 
 
