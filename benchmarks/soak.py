@@ -1019,6 +1019,12 @@ class Run:
 # ---------------------------------------------------------------------------- report
 
 
+def _memory_env() -> list[str]:
+    """Environment settings that change the servers' memory behaviour, as part of the
+    command that reproduces a run (e.g. ONEDNN_PRIMITIVE_CACHE_CAPACITY, see docs/reliability.md)."""
+    return [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("ONEDNN_", "DNNL_", "MALLOC_"))]
+
+
 def memory_summary(samples: list[dict], warmup_fraction: float, total_requests: int) -> dict:
     """Per incarnation: RSS of each process at start, after warm-up, at the end;
     growth from warm-up to the end, per process and summed."""
@@ -1139,7 +1145,7 @@ def build_report(run: Run, drained: dict, args) -> dict:
         "all requests sent": res["not-sent (time limit)"] == 0,
     }
     return {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "command": " ".join([*_memory_env(), "python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "settings": dataclasses.asdict(s),
         "duration_s": round(run.duration, 1),
         "requests": {"planned": s.requests, "sent": sent, "correct": res["correct"], "mismatched": res["mismatch"],
