@@ -20,7 +20,7 @@ requests of its tenant), preemptions during the run, and the largest concurrency
 the KV cache holds without preemption, computed from the cache size the server
 reports: ``C * own_blocks + min(N, C) * prefix_blocks <= cache_blocks``.
 
-    .venv/bin/python benchmarks/prompt_vs_iapt.py              # ~15 minutes on 2 cores
+    .venv/bin/python benchmarks/prompt_vs_iapt.py              # about 8 minutes on 2 cores (3 rounds)
     .venv/bin/python benchmarks/prompt_vs_iapt.py --quick      # plumbing
 """
 
