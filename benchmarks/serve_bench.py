@@ -46,6 +46,7 @@ class Run:
     concurrency: int
     num_adapters: int  # 0 = base-model requests
     num_prompts: int
+    range_ratio: float = 0.0  # lengths drawn from [len * (1 - r), len * (1 + r)]; 0 = every request alike
 
 
 @dataclass
@@ -131,7 +132,7 @@ def bench(server: ServerProcess, model_dir: Path, system: System, run: Run, out_
     cmd = [str(Path(sys.executable).with_name("vllm")), "bench", "serve", "--backend", "vllm",
            "--base-url", server.url, "--model", str(model_dir), "--tokenizer", str(model_dir),
            "--dataset-name", "random", "--random-input-len", str(run.prompt_len),
-           "--random-output-len", str(run.output_len), "--random-range-ratio", "0", "--ignore-eos",
+           "--random-output-len", str(run.output_len), "--random-range-ratio", str(run.range_ratio), "--ignore-eos",
            "--num-prompts", str(run.num_prompts), "--max-concurrency", str(run.concurrency),
            "--seed", str(run_seed(seed, run)),
            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",

@@ -33,6 +33,7 @@ PATCH_MODULES: tuple[str, ...] = (
     "request_failures",
     "cli_args",
     "serving",
+    "shutdown",
 )
 
 #: Patch module -> "ExceptionType: message", for every module that failed here.

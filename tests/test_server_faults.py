@@ -279,3 +279,52 @@ def test_two_api_servers_serve_every_adapter(tiny_model_dir, adapter_factory, tm
         text = log.read_text(errors="replace")
     assert len(answering_pids(text)) == 2, text[-3000:]
     assert "LoRA is not enabled" not in text
+
+
+def test_stopping_server_drains_and_answers_new_requests_503(tiny_model_dir, adapter_factory, tmp_path, reference):
+    """SIGTERM to the API server with --shutdown-timeout (vLLM's drain mode): the
+    running adapter request finishes with the reference's tokens, and requests that
+    arrive while it drains get 503 naming the shutdown (vLLM alone answers 500
+    "cannot schedule new futures after shutdown"); the server then exits cleanly."""
+    import signal
+
+    sort = adapter_factory("stop-sort", num_soft_tokens=4, seed=81)
+    log = tmp_path / "server.log"
+    cmd = lambda port: serve_command(  # noqa: E731
+        tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"sort={sort}", "--shutdown-timeout", "60")
+    long_ids, probe_ids = random_ids(9, 901), random_ids(6, 902)
+    proc = ServerProcess(cmd, log, {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    with proc:
+        body = {"model": "sort", "prompt": long_ids, "max_tokens": 400, "temperature": 0.0, "ignore_eos": True,
+                "return_token_ids": True, "stream": True}
+        streamed: list[int] = []
+        probes: list[tuple[str, int, str]] = []
+        with httpx.stream("POST", proc.url + "/v1/completions", json=body, timeout=300) as stream:
+            lines = stream.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    streamed += __import__("json").loads(line[6:])["choices"][0].get("token_ids") or []
+                    break
+            os.kill(proc.proc.pid, signal.SIGTERM)  # the API server only, as a container runtime does
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(code == 503 for _, code, _ in probes):
+                for kind, route, payload in (
+                        ("completion sort", "/v1/completions", {"model": "sort", "prompt": probe_ids, "max_tokens": 4}),
+                        ("completion base", "/v1/completions", {"model": BASE, "prompt": probe_ids, "max_tokens": 4}),
+                        ("chat sort", "/v1/chat/completions",
+                         {"model": "sort", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 4})):
+                    try:
+                        r = httpx.post(proc.url + route, json=payload, timeout=60)
+                        probes.append((kind, r.status_code, r.text[:300]))
+                    except httpx.TransportError as e:  # the server stopped listening: also a clean refusal
+                        probes.append((kind, 0, repr(e)))
+            for line in lines:
+                if line.startswith("data: {"):
+                    streamed += __import__("json").loads(line[6:])["choices"][0].get("token_ids") or []
+        code = proc.proc.wait(120)
+    text = log.read_text(errors="replace")
+    assert streamed == reference.generate(long_ids, sort, 400).token_ids, text[-3000:]
+    assert not [p for p in probes if p[1] >= 500 and p[1] != 503], probes
+    refused = [p for p in probes if p[1] == 503]
+    assert refused and all("shutting down" in p[2] for p in refused), probes
+    assert code == 0, text[-3000:]
