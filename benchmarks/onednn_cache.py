@@ -45,17 +45,29 @@ DEFAULT = "default"  # no ONEDNN_PRIMITIVE_CACHE_CAPACITY in the environment (on
 METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_itl_ms")
 
 
+def worker_pid(server: ServerProcess) -> int | None:
+    return next((pid for pid in group_pids(server.proc.pid) if proc_name(pid) == "Worker"), None)
+
+
 def worker_anon_mib(server: ServerProcess) -> float | None:
     """RssAnon of the server's worker process (what the primitive cache grows)."""
-    for pid in group_pids(server.proc.pid):
-        if proc_name(pid) == "Worker" and (rss := rss_kib(pid)) is not None:
-            return round(rss[1] / 1024, 1)
-    return None
+    pid = worker_pid(server)
+    rss = rss_kib(pid) if pid is not None else None
+    return round(rss[1] / 1024, 1) if rss else None
+
+
+def worker_capacity(server: ServerProcess) -> str | None:
+    """ONEDNN_PRIMITIVE_CACHE_CAPACITY as the worker process sees it (None: unset)."""
+    pid = worker_pid(server)
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    value = env.get(b"ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    return value.decode() if value is not None else None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="plumbing: two capacities, one short round")
+    ap.add_argument("--quick", action="store_true", help="plumbing: two capacities, one short round, eager")
     ap.add_argument("--capacities", nargs="*", default=None, help=f"values to compare ('{DEFAULT}' = unset)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -70,7 +82,8 @@ def main() -> None:
     model_dir = get_model()
     tenants = sorted(p for p in ADAPTERS.iterdir() if (p / "adapter_config.json").exists())
     common = ["--dtype", "float32", "--max-model-len", "2048", "--seed", "0", "--served-model-name", str(model_dir),
-              "--enable-iapt", "--iapt-modules", *[f"{p.name}={p}" for p in tenants]]
+              "--enable-iapt", "--iapt-modules", *[f"{p.name}={p}" for p in tenants],
+              *(["--enforce-eager"] if args.quick else [])]  # quick: plumbing, start faster
     system = lambda cap: System(f"onednn-{cap}", [], [p.name for p in tenants])  # noqa: E731
     samples: dict[str, list[dict]] = {c: [] for c in capacities}
     memory: dict[str, dict] = {}
@@ -85,7 +98,7 @@ def main() -> None:
         for cap in capacities:  # warm-up: compilation, first adapter loads; not measured
             bench(servers[cap], model_dir, system(cap), Run(run.prompt_len, 16, run.concurrency, 4, 16, run.range_ratio),
                   raw, args.seed + 1, name=f"onednn-{cap}-warmup.json")
-            memory[cap] = {"after_warmup_mib": worker_anon_mib(servers[cap])}
+            memory[cap] = {"after_warmup_mib": worker_anon_mib(servers[cap]), "worker_env": worker_capacity(servers[cap])}
         bar = tqdm(total=rounds * len(capacities), desc="benchmark runs (interleaved)")
         for rep in range(rounds):
             # Alternate the order so that no capacity always runs first in a round.

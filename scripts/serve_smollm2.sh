@@ -20,6 +20,9 @@ for t in pirate json triage caps; do
   [ -f "$TENANTS/$t/adapter_config.json" ] && modules+=("$t=$TENANTS/$t")
 done
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+# Bounds oneDNN's per-shape GEMM cache, which otherwise grows the CPU worker's memory
+# under traffic of varied lengths; no throughput cost measured (docs/reliability.md, "Memory").
+export ONEDNN_PRIMITIVE_CACHE_CAPACITY="${ONEDNN_PRIMITIVE_CACHE_CAPACITY:-64}"
 echo "[serve_smollm2] serving $MODEL as 'smollm2' with tenants: ${modules[*]}" >&2
 exec "$BIN/vllm" serve "$MODEL" --served-model-name smollm2 \
     --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" --dtype float32 --max-model-len 2048 \

@@ -9,6 +9,7 @@ for token with the transformers reference model, as in tests/test_server.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import pytest
 
 from conftest import random_ids
 from test_server import BASE, GREEDY, serve_command
+from vllm_iapt.patches.shutdown import MESSAGE
 from vllm_iapt.serving.process import ServerProcess
 from vllm_iapt.toy import random_adapter
 
@@ -303,7 +305,7 @@ def test_stopping_server_drains_and_answers_new_requests_503(tiny_model_dir, ada
             lines = stream.iter_lines()
             for line in lines:
                 if line.startswith("data: {"):
-                    streamed += __import__("json").loads(line[6:])["choices"][0].get("token_ids") or []
+                    streamed += json.loads(line[6:])["choices"][0].get("token_ids") or []
                     break
             os.kill(proc.proc.pid, signal.SIGTERM)  # the API server only, as a container runtime does
             deadline = time.monotonic() + 30
@@ -320,11 +322,11 @@ def test_stopping_server_drains_and_answers_new_requests_503(tiny_model_dir, ada
                         probes.append((kind, 0, repr(e)))
             for line in lines:
                 if line.startswith("data: {"):
-                    streamed += __import__("json").loads(line[6:])["choices"][0].get("token_ids") or []
+                    streamed += json.loads(line[6:])["choices"][0].get("token_ids") or []
         code = proc.proc.wait(120)
     text = log.read_text(errors="replace")
     assert streamed == reference.generate(long_ids, sort, 400).token_ids, text[-3000:]
     assert not [p for p in probes if p[1] >= 500 and p[1] != 503], probes
     refused = [p for p in probes if p[1] == 503]
-    assert refused and all("shutting down" in p[2] for p in refused), probes
+    assert refused and all(MESSAGE in p[2] for p in refused), probes
     assert code == 0, text[-3000:]
