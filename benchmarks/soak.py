@@ -7,8 +7,8 @@ every answer checked against the reference model, faults injected while it runs.
 
 The server runs on 127.0.0.1 only: the bundled demo model (`examples/demo`) with its
 four static tenants, run-time adapters loaded and unloaded over HTTP from a
-scratch `--iapt-adapter-dir`, a small KV cache (forces preemption) and prefix
-caching. Requests mix the base model, static tenants, run-time adapters and one
+scratch `--iapt-adapter-dir`, and prefix caching: a small KV cache (forces
+preemption) until the planned restart, a large one after it (prefix-cache hits). Requests mix the base model, static tenants, run-time adapters and one
 adapter found by the directory resolver; completions and chat; streaming or not;
 prompt lengths 1..max from a fixed pool (so repeated prompts hit the prefix cache).
 Decoding is greedy with ``ignore_eos``; every answer is compared, token for token,
@@ -77,6 +77,7 @@ class Settings:
     max_tokens: int
     max_model_len: int
     kv_blocks: int
+    kv_blocks_after_restart: int
     block_size: int
     runtime_adapters: int
     catalogue_rounds: int
@@ -102,6 +103,7 @@ def settings_from(args) -> Settings:
         max_tokens=16,
         max_model_len=256,
         kv_blocks=args.kv_blocks,
+        kv_blocks_after_restart=args.kv_blocks_after_restart,
         block_size=32,
         runtime_adapters=3 if quick else 4,
         catalogue_rounds=1 if quick else 3,
@@ -439,6 +441,7 @@ class Run:
         self.t0 = time.monotonic()
         self.server: ServerProcess | None = None
         self.incarnation = 0
+        self.planned_stops = 0
         self.done = 0
         self.serving = asyncio.Event()
         self.restarting = False
@@ -510,15 +513,21 @@ class Run:
             return vllm_serve(
                 str(self.model_dir), "--served-model-name", BASE, "--dtype", "float32", "--max-model-len",
                 str(s.max_model_len), "--seed", "0", "--no-enable-chunked-prefill", "--block-size", str(s.block_size),
-                "--num-gpu-blocks-override", str(s.kv_blocks), "--enable-prefix-caching",
+                "--num-gpu-blocks-override", str(self.kv_blocks), "--enable-prefix-caching",
                 "--enable-prompt-tokens-details", *s.serve_args, port=port)
         return vllm_serve(
             str(self.model_dir), "--served-model-name", BASE, "--dtype", "float32", "--max-model-len",
             str(s.max_model_len), "--seed", "0", "--enable-iapt", "--iapt-modules",
             *[f"{k}={v}" for k, v in self.static.items()], "--iapt-adapter-dir", str(self.adir),
             "--max-iapt-adapters", "4", "--max-cpu-iapt-adapters", "8", "--block-size", str(s.block_size),
-            "--num-gpu-blocks-override", str(s.kv_blocks), "--enable-prefix-caching",
+            "--num-gpu-blocks-override", str(self.kv_blocks), "--enable-prefix-caching",
             "--enable-prompt-tokens-details", *self.snapshot_args, *s.serve_args, port=port)
+
+    @property
+    def kv_blocks(self) -> int:
+        """Two phases: a small KV cache until the first planned restart (preemption
+        on most steps), a large one after it (prefix-cache hits on most hot prompts)."""
+        return self.s.kv_blocks if not self.planned_stops else self.s.kv_blocks_after_restart
 
     @property
     def snapshot_args(self) -> list[str]:
@@ -576,11 +585,14 @@ class Run:
                  for kind, pool in (("cmpl", self.cmpl_ok), ("chat", self.chat_ok)) for p in pool]
         jobs = [Job(i, kind, False, m, p, s.max_tokens) for i, (m, kind, p) in enumerate(sweep[: s.requests // 2])]
         self.warmup_requests = len(jobs)
+        # The hottest completion prompts are at least two KV blocks long: only full
+        # blocks are cached, so their repeats can hit the prefix cache.
+        hot = {"chat": self.chat_ok, "cmpl": sorted(self.cmpl_ok, key=lambda i: len(self.cmpl[i]) < 2 * s.block_size)}
         for i in range(len(jobs), s.requests):
             kind = "chat" if self.chat_ok and rng.random() < 0.3 else "cmpl"
             pool = self.chat_ok if kind == "chat" else self.cmpl_ok
             # Zipf-ish: a few hot prompts (prefix-cache hits) and a long tail.
-            prompt = pool[min(int(rng.paretovariate(1.2)) - 1, len(pool) - 1)] if rng.random() < 0.5 else rng.choice(pool)
+            prompt = hot[kind][min(int(rng.paretovariate(1.2)) - 1, len(pool) - 1)] if rng.random() < 0.5 else rng.choice(pool)
             stream = rng.random() < 0.5
             abort = rng.randint(1, 3) if stream and rng.random() < s.abort_fraction / 0.5 else None
             jobs.append(Job(i, kind, stream, rng.choice(models), prompt, rng.randint(1, s.max_tokens), abort))
@@ -738,6 +750,7 @@ class Run:
             await asyncio.to_thread(self.server.stop)
             if planned:
                 self.faults["server_restart"]["injected"] += 1
+                self.planned_stops += 1
             self.server = self.new_server()
             await asyncio.to_thread(self.server.start)
             self.sampler.sample(force=True)
@@ -1173,7 +1186,13 @@ def build_report(run: Run, drained: dict, args) -> dict:
                            "running": drained.get("vllm:num_requests_running"),
                            "waiting": drained.get("vllm:num_requests_waiting")},
         "engine": {"preemptions": preempt, "prefix_cache_hit_rate": round(hits / queries, 4) if queries else None,
-                   "prefix_cached_tokens_reported_to_clients": run.prefix_cached_tokens},
+                   "prefix_cached_tokens_reported_to_clients": run.prefix_cached_tokens,
+                   "by_server": [{"incarnation": m["incarnation"], "kv_blocks": m.get("num_gpu_blocks"),
+                                  "preemptions": m.get("vllm:num_preemptions_total", 0),
+                                  "prefix_cache_hit_rate": round(m["vllm:prefix_cache_hits_total"]
+                                                                 / m["vllm:prefix_cache_queries_total"], 4)
+                                  if m.get("vllm:prefix_cache_queries_total") else None}
+                                 for m in run.metrics_by_incarnation]},
         "memory": {**mem, "max_process_growth_after_warmup": growth, "worker_growth_after_warmup": worker_growth,
                    "front_growth_after_warmup": front_growth, "control (no IAPT)": control,
                    TIMELINE: [
@@ -1224,7 +1243,9 @@ def write_markdown(rep: dict, path: Path) -> None:
         "Status codes: " + ", ".join(f"{k}: {v}" for k, v in rep["status_codes"].items()), "",
         f"Latency (s): p50 {rep['latency_s']['p50']}, p90 {rep['latency_s']['p90']}, p99 {rep['latency_s']['p99']}, "
         f"max {rep['latency_s']['max']}. Engine: {rep['engine']['preemptions']:.0f} preemptions, prefix-cache hit rate "
-        f"{rep['engine']['prefix_cache_hit_rate']}.", "",
+        f"{rep['engine']['prefix_cache_hit_rate']}; by server: " + "; ".join(
+            f"#{e['incarnation']} ({int(e['kv_blocks'] or 0)} KV blocks) {e['preemptions']:.0f} preemptions, hit rate "
+            f"{e['prefix_cache_hit_rate']}" for e in rep["engine"].get("by_server", [])) + ".", "",
         f"Pool: {rep['pool']['completion_prompts']} completion prompts (lengths {rep['pool']['prompt_lengths'][0]}.."
         f"{rep['pool']['prompt_lengths'][1]} tokens) and {rep['pool']['chat_prompts']} chat prompts "
         f"({rep['pool']['dropped_near_ties']} dropped for near-ties) x {len(rep['pool']['models'])} models "
@@ -1334,6 +1355,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, help="concurrent clients (default 12; --quick 8)")
     ap.add_argument("--restarts", type=int, help="planned server stops and restarts (default 1; --quick 0)")
     ap.add_argument("--kv-blocks", type=int, default=12, help="KV cache blocks of 32 tokens (small: forces preemption)")
+    ap.add_argument("--kv-blocks-after-restart", type=int, default=192,
+                    help="KV cache blocks after the first planned restart (large: prefix-cache hits are common)")
     ap.add_argument("--min-margin", type=float, default=0.005, help="drop prompts with a smaller top-2 log-prob gap")
     ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--model", default=str(DEMO / "model"))

@@ -40,6 +40,25 @@ def test_checker_tells_correct_leak_and_mismatch():
     assert run.classify(streamed, {"status": 200, "tokens": [9], "aborted": True}) == "aborted-mismatch"
 
 
+def test_503_naming_the_shutdown_counts_only_during_a_planned_stop():
+    """A stopping server's 503 (patches/shutdown.py) is a clean refusal while the
+    harness stops it on purpose; any other 503 or 500 is an error."""
+    from collections import Counter
+
+    run = fake_run()
+    run.results, run.status_codes, run.faults, run.unexpected = Counter(), Counter(), {}, []
+    run.latencies, run.runtime, run.t0, run.server = [], {}, 0.0, None
+    job = soak.Job(0, "cmpl", False, "a", 0, 4)
+    stopping = {"status": 503, "error": f'{{"error": {{"message": "{soak.STOPPING_MESSAGE}"}}}}'}
+    run.restarting = True
+    run.record(job, stopping, "status:503", 0.1)
+    run.record(job, {"status": 500, "error": "cannot schedule new futures after shutdown"}, "status:500", 0.1)
+    assert run.results["refused-while-stopping"] == 1 and run.results["error"] == 1
+    run.restarting = False
+    run.record(job, stopping, "status:503", 0.1)  # not a planned stop: an error
+    assert run.results["refused-while-stopping"] == 1 and run.results["error"] == 2
+
+
 def test_memory_growth_is_measured_after_warmup():
     def row(t, done, rss):
         return {"t": t, "incarnation": 1, "done": done, "procs": {1: ["api-server", rss + 50, rss], 2: ["EngineCore", 1000, 900]}}
@@ -70,7 +89,7 @@ def test_quick_soak_meets_targets(tmp_path):
     assert (out / "soak.md").read_text().startswith("# Soak run") and (out / "soak.png").stat().st_size > 0
     # Every target but the 5% memory-growth ones: a quick run ends before the processes'
     # own warm-up does (vLLM's CPU worker without IAPT grows by about 40% over its first
-    # ~4,000 requests, see benchmarks/results/soak_control.md, and the engine core was seen
+    # ~4,000 requests, see benchmarks/results/soak_control_default_onednn_cache.md, and the engine core was seen
     # at +8.8% after 500 requests but +0.3% after 10,000); the default run judges those.
     # Here the API server and the engine core must stay within 25%, which a leak per
     # request would still break.
