@@ -316,17 +316,19 @@ def test_stopping_server_drains_and_answers_new_requests_503(tiny_model_dir, ada
                         ("chat sort", "/v1/chat/completions",
                          {"model": "sort", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 4})):
                     try:
-                        r = httpx.post(proc.url + route, json=payload, timeout=60)
+                        r = httpx.post(proc.url + route, json=payload, timeout=20)
                         probes.append((kind, r.status_code, r.text[:300]))
-                    except httpx.TransportError as e:  # the server stopped listening: also a clean refusal
+                    except httpx.ConnectError as e:  # the server stopped listening: also a clean refusal
                         probes.append((kind, 0, repr(e)))
+                    except httpx.TransportError as e:  # a hang or a cut connection: a failure
+                        probes.append((kind, -1, repr(e)))
             for line in lines:
                 if line.startswith("data: {"):
                     streamed += json.loads(line[6:])["choices"][0].get("token_ids") or []
         code = proc.proc.wait(120)
     text = log.read_text(errors="replace")
     assert streamed == reference.generate(long_ids, sort, 400).token_ids, text[-3000:]
-    assert not [p for p in probes if p[1] >= 500 and p[1] != 503], probes
+    assert not [p for p in probes if p[1] == -1 or (p[1] >= 500 and p[1] != 503)], probes
     refused = [p for p in probes if p[1] == 503]
     assert refused and all(MESSAGE in p[2] for p in refused), probes
     assert code == 0, text[-3000:]
