@@ -15,7 +15,7 @@ Reported per capacity: output tok/s, TTFT and TPOT (median over rounds, with the
 range), throughput as a ratio to the default cache, and the worker's RssAnon after
 the warm-up and at the end.
 
-    .venv/bin/python benchmarks/onednn_cache.py            # about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/onednn_cache.py            # about 20 minutes on 2 cores
     .venv/bin/python benchmarks/onednn_cache.py --quick    # plumbing
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -59,6 +60,8 @@ def worker_anon_mib(server: ServerProcess) -> float | None:
 def worker_capacity(server: ServerProcess) -> str | None:
     """ONEDNN_PRIMITIVE_CACHE_CAPACITY as the worker process sees it (None: unset)."""
     pid = worker_pid(server)
+    if pid is None:
+        raise RuntimeError(f"no worker process under the server {server.url}")
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
     value = env.get(b"ONEDNN_PRIMITIVE_CACHE_CAPACITY")
@@ -122,8 +125,8 @@ def main() -> None:
     for r in results:
         r["throughput_ratio_to_" + capacities[0]] = round(r["output_throughput"] / base, 3)
     meta = {"command": " ".join(sys.argv), "run": run.__dict__, "model": "SmolLM2-135M-Instruct (float32)",
-            "tenants": [p.name for p in tenants], "cores": __import__("os").cpu_count(),
-            "processor": platform.processor(), "load_average": __import__("os").getloadavg(), "versions": _versions()}
+            "tenants": [p.name for p in tenants], "cores": os.cpu_count(),
+            "processor": platform.processor(), "load_average": os.getloadavg(), "versions": _versions()}
     (out / "onednn_cache.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_markdown(results, meta, capacities[0], out / "onednn_cache.md")
     print((out / "onednn_cache.md").read_text())

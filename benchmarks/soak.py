@@ -8,7 +8,8 @@ every answer checked against the reference model, faults injected while it runs.
 The server runs on 127.0.0.1 only: the bundled demo model (`examples/demo`) with its
 four static tenants, run-time adapters loaded and unloaded over HTTP from a
 scratch `--iapt-adapter-dir`, and prefix caching: a small KV cache (forces
-preemption) until the planned restart, a large one after it (prefix-cache hits). Requests mix the base model, static tenants, run-time adapters and one
+preemption) until the planned restart, a large one after it (prefix-cache hits).
+Requests mix the base model, static tenants, run-time adapters and one
 adapter found by the directory resolver; completions and chat; streaming or not;
 prompt lengths 1..max from a fixed pool (so repeated prompts hit the prefix cache).
 Decoding is greedy with ``ignore_eos``; every answer is compared, token for token,
@@ -1245,7 +1246,7 @@ def write_markdown(rep: dict, path: Path) -> None:
         f"max {rep['latency_s']['max']}. Engine: {rep['engine']['preemptions']:.0f} preemptions, prefix-cache hit rate "
         f"{rep['engine']['prefix_cache_hit_rate']}; by server: " + "; ".join(
             f"#{e['incarnation']} ({int(e['kv_blocks'] or 0)} KV blocks) {e['preemptions']:.0f} preemptions, hit rate "
-            f"{e['prefix_cache_hit_rate']}" for e in rep["engine"].get("by_server", [])) + ".", "",
+            f"{e['prefix_cache_hit_rate']}" for e in rep["engine"]["by_server"]) + ".", "",
         f"Pool: {rep['pool']['completion_prompts']} completion prompts (lengths {rep['pool']['prompt_lengths'][0]}.."
         f"{rep['pool']['prompt_lengths'][1]} tokens) and {rep['pool']['chat_prompts']} chat prompts "
         f"({rep['pool']['dropped_near_ties']} dropped for near-ties) x {len(rep['pool']['models'])} models "
