@@ -103,6 +103,7 @@ def summarize(o) -> dict[str, Any]:
         "num_cached_tokens": o.num_cached_tokens,
         "outputs": [
             {"token_ids": list(c.token_ids), "text": c.text, "finish_reason": c.finish_reason,
+             "stop_reason": c.stop_reason if isinstance(c.stop_reason, (str, int)) else None,
              "logprobs": [lp(pos, t) for pos, t in zip(c.logprobs, c.token_ids)] if c.logprobs is not None else None}
             for c in o.outputs
         ],

