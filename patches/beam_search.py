@@ -6,7 +6,7 @@ model's beam search is unchanged.
 
 Why: vLLM's beam search resubmits prompt + generated tokens as a new prompt for
 every step, with the same adapter, so the generators would pool over generated
-text (spec section 5 forbids it) and the soft tokens would change from step to step.
+text (docs/iapt.md, section 5, forbids it) and the soft tokens would change from step to step.
 
 How: wraps ``BeamSearchOfflineMixin.beam_search`` and
 ``BeamSearchOnlineMixin.beam_search``; both call the original when IAPT is off or no

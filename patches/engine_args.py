@@ -4,14 +4,15 @@ model runner that serves it.
 What: ``EngineArgs.create_engine_config`` validates the IAPT options
 (:class:`vllm_iapt.config.IAPTEngineConfig`) and asks
 :mod:`vllm_iapt.engine.support` to check and adjust the arguments (chunked prefill
-off; conflicting settings refused) and the built config (runner, CUDA-graph mode,
-parallelism, features; the soft-row op added to the graph-splitting ops).
+and async scheduling off; conflicting settings refused) and the built config
+(runner, CUDA-graph mode, parallelism, features; the soft-row op added to the
+graph-splitting ops).
 ``VllmConfig._get_v2_model_runner_unsupported_features`` reports IAPT as a feature
 model runner V2 lacks, so vLLM falls back to V1 and logs it ("Model Runner V2 does
 not yet support IAPT adapters (vllm-iapt); using the V1 model runner instead").
 
 Why: pooling needs every instruction row at every layer before that layer's
-attention (spec section 5), and only the V1 runner publishes IAPT plans (see
+attention (docs/iapt.md, section 5), and only the V1 runner publishes IAPT plans (see
 ``patches/model_runner.py``). Without the fallback a CUDA install, where V2 is the
 default, would build no plans and serve adapter requests without soft tokens.
 
@@ -50,9 +51,10 @@ def apply() -> None:
         vllm_config = original_create(self, *args, **kwargs)
         support.check_and_adjust(vllm_config, cfg)
         comp, sched = vllm_config.compilation_config, vllm_config.scheduler_config
-        logger.info("IAPT enabled: %s; chunked prefill off, max_num_batched_tokens=%d, max_model_len=%d, "
-                    "compilation mode %s, cudagraph mode %s", cfg.model_dump(), sched.max_num_batched_tokens,
-                    vllm_config.model_config.max_model_len, comp.mode.name, comp.cudagraph_mode.name)
+        logger.info("IAPT enabled: %s; chunked prefill and async scheduling off, max_num_batched_tokens=%d, "
+                    "max_model_len=%d, compilation mode %s, cudagraph mode %s", cfg.model_dump(),
+                    sched.max_num_batched_tokens, vllm_config.model_config.max_model_len, comp.mode.name,
+                    comp.cudagraph_mode.name)
         return vllm_config
 
     def _get_v2_model_runner_unsupported_features(self: VllmConfig) -> list[str]:

@@ -9,7 +9,7 @@ a hash of the whole prompt (keeping the user's salt), and
 Why: vLLM only knows per-request adapters as LoRA and rejects them when LoRA is
 off; soft slots need KV positions 0..m-1 in the sequence's own blocks, which
 vLLM allocates only for tokens; and a prefix-cache hit is valid only for the same
-adapter content and the same whole prompt (spec section 5). Block hashes are
+adapter content and the same whole prompt (docs/iapt.md, section 5). Block hashes are
 chained, so a key on block 0 (the salt) separates every block. This is the one
 front-end place both ``LLM`` and the OpenAI server go through, and the original
 still runs its own checks (``max_model_len`` counts the slots).
@@ -26,6 +26,9 @@ processor (the V0 prompt-adapter path was removed in PR #20588).
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_iapt.config import IAPTEngineConfig
@@ -41,6 +44,22 @@ def _state(self: InputProcessor):
     return state
 
 
+def _argument(function, name: str, args: tuple, kwargs: dict):
+    """The value ``function`` would see for its parameter ``name``, given the
+    arguments after ``(self, request_id, prompt, params)``."""
+    if name in kwargs:
+        return kwargs[name]
+    for param, value in zip(_parameter_names(function)[4:], args):
+        if param == name:
+            return value
+    return None
+
+
+@functools.cache
+def _parameter_names(function) -> tuple[str, ...]:
+    return tuple(inspect.signature(function).parameters)
+
+
 def apply() -> None:
     original = InputProcessor.process_inputs
 
@@ -48,6 +67,13 @@ def apply() -> None:
         cfg, catalog = _state(self)
         if cfg is None or lora_request is None:
             return original(self, request_id, prompt, params, *args, lora_request=lora_request, **kwargs)
+        if _argument(original, "resumable", args, kwargs):
+            # A streaming-input session (AsyncLLM.generate with an input stream) sends
+            # each chunk here; the scheduler appends it to the session's prompt, so
+            # every chunk would bring its own soft slots, computed as plain tokens.
+            raise frontend.SoftSlotError(
+                f"IAPT adapter {lora_request.lora_name!r}: streaming-input (resumable) requests are not supported "
+                "with IAPT adapters; send the whole prompt in one request")
         info = catalog.resolve(lora_request.lora_name, lora_request.lora_path)
         if not isinstance(prompt, dict):
             raise frontend.SoftSlotError("IAPT requests need a rendered prompt (use LLM.generate or the OpenAI server)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -21,6 +22,17 @@ def toy_corpus(n: int = 2000, seed: int = 0) -> list[str]:
         lines.append(" ".join(rng.choice(WORDS) for _ in range(k)) + " " + " ".join(
             str(rng.randint(0, 9)) for _ in range(rng.randint(1, 6))))
     return lines
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_sees_its_own_environment():
+    """Whatever a test module sets in os.environ is undone when it ends, so every
+    module (and every server or engine process it starts) sees the environment it
+    would see alone."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,26 @@ import sys
 from typing import Any
 
 
-def make_llm(model: str, **kwargs):
+def make_llm(model: str, in_process: bool = True, **kwargs):
+    """An offline engine. ``in_process``: engine core and worker in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set only while the engine is built, which
+    is when vLLM reads it), so tests can reach the model runner."""
     from vllm import LLM
 
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("max_model_len", 512)
     kwargs.setdefault("seed", 0)
-    return LLM(model=model, **kwargs)
+    if not in_process:
+        return LLM(model=model, **kwargs)
+    key, old = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ[key] = "0"
+    try:
+        return LLM(model=model, **kwargs)
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def shutdown(llm) -> None:

@@ -1,4 +1,4 @@
-"""Spec section 6: adapter_config.json and adapter_model.safetensors, every bad input."""
+"""docs/iapt.md, section 6: adapter_config.json and adapter_model.safetensors, every bad input."""
 
 import json
 import shutil

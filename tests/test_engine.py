@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 
 import pytest
@@ -33,7 +32,6 @@ def adapters(adapter_factory):
 def llm(request, tiny_model_dir):
     """The same engine in vLLM's default compiled mode and in eager mode: every
     test below runs against both."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from engine_harness import make_llm, shutdown
 
     # max_adapters=2 < the 4 adapters used together: a prefill step may need more

@@ -307,7 +307,6 @@ def test_broken_patch_module_refuses_iapt(tmp_path, tiny_model_dir, broken_env):
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir, tmp_path_factory):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from engine_harness import make_llm, shutdown
 
     snaps = tmp_path_factory.mktemp("engine-snapshots")

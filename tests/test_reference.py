@@ -1,4 +1,4 @@
-"""The transformers reference model: spec sections 2, 3 and 5 on a tiny LLaMA."""
+"""The transformers reference model: docs/iapt.md, sections 2, 3 and 5, on a tiny LLaMA."""
 
 import pytest
 import torch

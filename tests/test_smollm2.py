@@ -86,7 +86,6 @@ def reference(model_dir) -> RealReference:
 @pytest.fixture(scope="module")
 def llm(model_dir):
     """One in-process engine for the module, eager (the server below runs vLLM's default compiled mode)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from engine_harness import make_llm, shutdown
 
     # 32-token KV blocks (CPU default 128): a templated chat prompt here is 50-70 tokens,

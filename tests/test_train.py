@@ -53,7 +53,7 @@ def test_training_beats_the_base_model(tiny_model_dir, data, tmp_path):
     print(f"held-out loss: base {base_loss:.3f}, adapter {tuned_loss:.3f}, trainer eval {metrics['eval_loss']:.3f}")
     assert tuned_loss < 0.25 * base_loss
     assert abs(metrics["eval_loss"] - tuned_loss) < 0.05  # the trainer's eval is the same loss
-    # The saved adapter is in the spec format and loads with validation.
+    # The saved adapter is in the format of docs/iapt.md, section 6, and loads with validation.
     a = load_adapter(tmp_path / "ad", hidden_size=128, num_hidden_layers=2)
     assert a.config.bottleneck_dim == 32 and a.config.activation == "rational"
 

@@ -1,4 +1,4 @@
-"""IAPT adapter directories (IAPT_SPEC section 6): validate, load, save.
+"""IAPT adapter directories (docs/iapt.md, section 6): validate, load, save.
 
 Loading is all-or-nothing: a directory either yields a fully validated
 :class:`IAPTAdapter` or raises :class:`AdapterError` naming the adapter, the file

@@ -15,7 +15,7 @@ DEFAULT_DENOMINATOR_DEGREE = 4
 
 
 class AdapterConfig(BaseModel):
-    """``adapter_config.json`` exactly as in IAPT_SPEC section 6.
+    """``adapter_config.json`` exactly as in docs/iapt.md, section 6.
 
     Strict: unknown keys and values of the wrong JSON type are errors, so a file
     written for another format or method never half-loads.

@@ -1,8 +1,8 @@
 """Front-end side of a request: resolve its adapter, add the soft slots, hide them again.
 
 Runs in the API-server / ``LLM`` process. A request whose ``lora_request`` points
-at an IAPT adapter gets ``m`` placeholder ids prepended (the soft slots, spec
-section 2), its identity for prefix caching in ``cache_salt`` and the facts the
+at an IAPT adapter gets ``m`` placeholder ids prepended (the soft slots,
+docs/iapt.md, section 2), its identity for prefix caching in ``cache_salt`` and the facts the
 worker needs in ``sampling_params.extra_args["iapt"]`` (the only per-request
 channels that survive vLLM's inter-process encoding). Outputs are stripped back
 to the user's prompt before anybody sees them.
@@ -48,11 +48,11 @@ class AdapterCatalog:
     only inside their root, checked on every read.
     """
 
-    def __init__(self, hidden_size: int, num_hidden_layers: int, block_size: int, store: SnapshotStore,
+    def __init__(self, hidden_size: int, num_hidden_layers: int, hit_unit: int, store: SnapshotStore,
                  capacity: int = 256) -> None:
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
-        self.block_size = block_size
+        self.hit_unit = hit_unit  # see prefix_hit_unit
         self.store = store
         self.capacity = capacity
         self._cache: OrderedDict[tuple, AdapterInfo] = OrderedDict()
@@ -63,7 +63,7 @@ class AdapterCatalog:
     @classmethod
     def for_engine(cls, vllm_config, cfg) -> "AdapterCatalog":
         text = vllm_config.model_config.hf_text_config
-        return cls(text.hidden_size, text.num_hidden_layers, vllm_config.cache_config.block_size,
+        return cls(text.hidden_size, text.num_hidden_layers, prefix_hit_unit(vllm_config.cache_config),
                    SnapshotStore(cfg.snapshot_dir, cfg.max_snapshot_bytes))
 
     def confine(self, path: str, root: str) -> None:
@@ -98,10 +98,15 @@ class AdapterCatalog:
         adapter, weights = read_adapter(path, name=name, hidden_size=self.hidden_size,
                                         num_hidden_layers=self.num_hidden_layers, root=root)
         m = adapter.num_soft_tokens
-        if m > self.block_size:
-            # Prefix-cache hits are whole blocks; soft slots spanning two blocks
-            # could be half cached, and generators cannot run on half a prompt.
-            raise AdapterError(name, f"num_soft_tokens {m} exceeds the KV cache block size {self.block_size}")
+        if m > self.hit_unit:
+            # A prefix-cache hit ends on a multiple of the hit unit; with more slots
+            # than that a hit could end inside them, and the generators cannot run
+            # on half a prompt (the worker fails such a request: slots_guard.py).
+            raise AdapterError(
+                name, f"num_soft_tokens {m} exceeds the prefix-cache unit of this engine ({self.hit_unit} "
+                "tokens: the KV cache block size, or prefix_match_unit / hash_block_size when finer), so a "
+                "prefix-cache hit could end inside the soft slots; use a larger --block-size or "
+                "--prefix-match-unit, or an adapter with fewer soft tokens")
         snapshot = self.store.put(adapter, weights)
         info = AdapterInfo(name, path, m, adapter.content_hash, snapshot)
         with self._lock:
@@ -113,6 +118,21 @@ class AdapterCatalog:
                 live = {i.snapshot for i in self._cache.values()}
                 self._snapshots = {k: v for k, v in self._snapshots.items() if k in live}
         return info
+
+
+def prefix_hit_unit(cache_config) -> int:
+    """The finest token boundary a prefix-cache hit can end on, as far as this
+    process knows: the KV block size, or finer ``prefix_match_unit`` (the user's
+    setting) / ``hash_block_size`` / ``cache_hit_alignment_tokens`` (resolved by
+    the engine core after its KV-cache set-up; a front end in another process
+    never receives them, vLLM 0.32 syncs only ``block_size``). vLLM computes block
+    hashes every ``hash_block_size`` tokens and lands hits on multiples of
+    ``cache_hit_alignment_tokens`` (a multiple of it), so ``m <= hash_block_size``
+    keeps every hit either before the slots (none) or after all of them."""
+    units = [getattr(cache_config, name, None) for name in
+             ("block_size", "prefix_match_unit", "hash_block_size", "cache_hit_alignment_tokens")]
+    known = [int(u) for u in units if u]
+    return min(known) if known else 1
 
 
 class SoftSlotError(ValueError):
@@ -131,7 +151,7 @@ SALT_PREFIX = "iapt:"
 def cache_salt(info: AdapterInfo, token_ids: list[int], user_salt: str | None) -> str:
     """Block 0's extra hash key. vLLM chains block hashes, so this key makes every
     block of the sequence specific to the adapter's *content* and to the *whole*
-    instruction (spec section 5); the user's own salt is kept inside it."""
+    instruction (docs/iapt.md, section 5); the user's own salt is kept inside it."""
     salt = f"{SALT_PREFIX}{info.content_hash}:{prompt_hash(token_ids)}"
     return salt if user_salt is None else f"{salt}:{user_salt}"
 

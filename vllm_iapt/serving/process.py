@@ -41,7 +41,11 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd: list[str] = command(self.port)
-        self.env = {**os.environ, **(env or {})}
+        # vLLM's production process layout (API server, engine core, workers) unless
+        # the caller asks otherwise: an in-process engine setting inherited from a
+        # test or script must not reach a server.
+        inherited = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        self.env = {**inherited, **(env or {})}
         self.log_path = Path(log_path)
         self.timeout, self.grace = timeout, grace
         self.proc: subprocess.Popen | None = None

@@ -4,7 +4,7 @@ The Trainer brings the loop, AdamW, warm-up + linear decay, gradient
 accumulation, bf16 autocast, checkpoints with optimizer/scheduler/RNG state,
 evaluation and the progress bar. We add only what is IAPT-specific: the frozen
 base wrapped by :class:`IAPTForCausalLM`, a separate learning rate for the
-rational coefficients, and checkpoints/outputs in the spec's adapter format.
+rational coefficients, and checkpoints/outputs in the adapter format of docs/iapt.md, section 6.
 """
 
 from __future__ import annotations
