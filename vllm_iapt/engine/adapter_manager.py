@@ -76,7 +76,9 @@ class IAPTAdapterManager:
         adapter = self._load_cpu(content_hash, name, path)
         weights = [None] * self.num_hidden_layers
         for layer in adapter.config.generator_layers:
-            weights[layer] = adapter.layer_weights(layer).to(self.device, torch.float32)
+            # float32, as views of two buffers per layer: the soft-row op batches adapters by
+            # concatenating those buffers (vllm_iapt.generator.generate_grouped)
+            weights[layer] = adapter.layer_weights(layer).flattened(self.device)
         self._device[content_hash] = weights
         self.failed_hashes.pop(content_hash, None)
         self.num_uploads += 1

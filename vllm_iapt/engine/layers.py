@@ -28,7 +28,7 @@ from torch import nn
 
 from vllm_iapt.architectures import decoder_layers
 from vllm_iapt.engine.plan import StepPlan, current_plan
-from vllm_iapt.generator import generate_packed
+from vllm_iapt.generator import GroupedLayout, generate_grouped, grouped_layout
 
 OP_NAME = "iapt_write_soft_rows"
 #: The op's qualified name, as ``compilation_config.splitting_ops`` lists ops.
@@ -43,18 +43,35 @@ def write_soft_rows(plan: StepPlan, layer: int, hidden_states: torch.Tensor, res
     and for families that carry the stream in ``hidden_states`` alone). Writing
     ``S`` into ``hidden_states`` and 0 into ``residual`` on the soft rows gives
     exactly ``S`` after the add, and touches no other row.
+
+    All the groups (adapters) with a generator at ``layer`` run in one
+    :func:`~vllm_iapt.generator.generate_grouped` call, so the number of operations
+    per layer does not grow with the number of adapters in the step. A group whose
+    adapter has no generator here keeps its slots as they are.
     """
-    for group in plan.groups:
-        weights = group.weights[layer]
-        if weights is None:  # no generator here: the slots pass through
-            continue
-        x = hidden_states.index_select(0, group.instruction_rows)
-        if residual is not None:
-            x = x + residual.index_select(0, group.instruction_rows)
-        s = generate_packed(weights, x, group.cu_seqlens, group.segment_ids)
-        hidden_states.index_copy_(0, group.soft_rows, s.flatten(0, 1).to(hidden_states.dtype))
-        if residual is not None:
-            residual.index_fill_(0, group.soft_rows, 0)
+    active = [i for i, group in enumerate(plan.groups) if group.weights[layer] is not None]
+    if not active:
+        return
+    weights = [plan.groups[i].weights[layer] for i in active]
+    layout, soft_rows = _step_layout(plan, active, weights)
+    s = generate_grouped(weights, layout, hidden_states, residual)
+    hidden_states.index_copy_(0, soft_rows, s.to(hidden_states.dtype))
+    if residual is not None:
+        residual.index_fill_(0, soft_rows, 0)
+
+
+def _step_layout(plan: StepPlan, active: list[int], weights: list) -> tuple[GroupedLayout, torch.Tensor]:
+    """The layout of the groups ``active`` of ``plan`` (built at the first layer that
+    needs it, then reused by the step's other layers through ``plan.cache``) and
+    their soft rows, concatenated in the same order."""
+    key = ("grouped_layout", tuple((i, w.signature()) for i, w in zip(active, weights)))
+    cached = plan.cache.get(key)
+    if cached is None:
+        groups = [plan.groups[i] for i in active]
+        layout = grouped_layout(weights, [g.instruction_rows for g in groups], [g.segment_ids for g in groups],
+                                [g.cu_seqlens.shape[0] - 1 for g in groups])
+        cached = plan.cache[key] = (layout, torch.cat([g.soft_rows for g in groups]))
+    return cached
 
 
 def _op(hidden_states: torch.Tensor, residual: torch.Tensor | None, layer_index: int) -> None:

@@ -10,7 +10,7 @@ prefill has no plan, so decode steps do no IAPT work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ class AdapterGroup:
 @dataclass
 class StepPlan:
     groups: list[AdapterGroup]
+    #: Data the layers derive from the plan once per step and share (e.g. the grouped layout).
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 #: Key of the plan in ``ForwardContext.additional_kwargs``.
