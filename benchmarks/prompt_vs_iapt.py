@@ -151,7 +151,7 @@ def cache_geometry(srv: ServerProcess) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="plumbing: one round, N=4, few requests, eager servers")
     ap.add_argument("--tenants", type=int, nargs="*", default=None, help="N values (default 4 16 64)")
     ap.add_argument("--requests", type=int, default=None, help="requests per (mode, N) (default max(32, N))")
     ap.add_argument("--concurrency", type=int, default=8)
@@ -169,6 +169,8 @@ def main() -> None:
     tenants = tenant_copies(max(ns), work)
     msgs = user_messages(64)
     common = ["--served-model-name", SERVED, "--dtype", "float32", "--max-model-len", "2048", "--seed", "0"]
+    if args.quick:  # plumbing: eager, so neither server spends its start-up compiling
+        common.append("--enforce-eager")
     modes = {"prompt": [], "iapt": ["--enable-iapt", "--max-iapt-adapters", "8", "--max-cpu-iapt-adapters", str(max(8, max(ns))),
                                     "--iapt-modules", *[f"{n}={p}" for n, _, p in tenants]]}
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -153,7 +153,7 @@ def bench(server: ServerProcess, model_dir: Path, system: System, run: Run, out_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a few minutes: small grid, few prompts")
+    ap.add_argument("--quick", action="store_true", help="plumbing: small grid, few prompts, eager servers")
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help="model size (default: 'default'; --quick: 'tiny')")
     ap.add_argument("--work-dir", default=str(HERE / "work"), help="model and adapters (rebuilt only if missing)")
     ap.add_argument("--out", default=str(HERE / "results"), help="where results go")
@@ -177,6 +177,8 @@ def main() -> None:
               if not args.systems or s.name in args.systems]
     common = ["--dtype", "float32", "--max-model-len", "2048", "--max-num-batched-tokens", "2048", "--seed", "0",
               "--served-model-name", str(model_dir)]
+    if args.quick:  # plumbing: every server eager, so none spends its start-up compiling
+        common.append("--enforce-eager")
     base_runs = list(dict.fromkeys(Run(r.prompt_len, r.output_len, r.concurrency, 0, r.num_prompts) for r in runs))
     if args.interleave:
         results = run_interleaved(chosen, runs, base_runs, model_dir, common, raw, out, args.seed, args.interleave)

