@@ -30,6 +30,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+import psutil
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -39,7 +40,7 @@ sys.path.insert(0, str(HERE))
 from vllm_iapt.models.smollm2 import get_model  # noqa: E402
 from vllm_iapt.serving.process import ServerProcess, vllm_serve  # noqa: E402
 from serve_bench import Run, System, _versions, bench  # noqa: E402
-from soak import group_pids, proc_name, rss_kib  # noqa: E402
+from soak.servers import group_pids, proc_name, rss_kib  # noqa: E402
 
 ADAPTERS = ROOT / "examples" / "smollm2" / "adapters"
 DEFAULT = "default"  # no ONEDNN_PRIMITIVE_CACHE_CAPACITY in the environment (oneDNN's 1,024)
@@ -62,10 +63,7 @@ def worker_capacity(server: ServerProcess) -> str | None:
     pid = worker_pid(server)
     if pid is None:
         raise RuntimeError(f"no worker process under the server {server.url}")
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-    value = env.get(b"ONEDNN_PRIMITIVE_CACHE_CAPACITY")
-    return value.decode() if value is not None else None
+    return psutil.Process(pid).environ().get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 
 
 def main() -> None:

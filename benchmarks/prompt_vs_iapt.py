@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -139,13 +140,15 @@ async def drive(url: str, reqs, concurrency: int, max_tokens: int) -> dict:
 
 
 def _metric(text: str, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M))
+    """A /metrics value, summed over its labels (engines)."""
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
 def cache_geometry(srv: ServerProcess) -> tuple[int, int]:
     """(block size, blocks in the KV cache) of a running server."""
     tokens = int(re.findall(r"KV cache size: ([\d,]+) tokens", srv.log_path.read_text(errors="replace"))[-1].replace(",", ""))
-    block = int(re.search(r'block_size="(\d+)"', srv.metrics()).group(1))
+    block = int(next(s.labels["block_size"] for f in text_string_to_metric_families(srv.metrics())
+                     for s in f.samples if s.name == "vllm:cache_config_info"))
     return block, tokens // block
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -109,8 +109,8 @@ class QueueSampler(threading.Thread):
                 text = self.server.metrics()
             except OSError:
                 continue
-            vals = {k: sum(float(v) for v in re.findall(rf"^vllm:num_requests_{k}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M))
-                    for k in ("running", "waiting")}
+            vals = {k: sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                           if s.name == f"vllm:num_requests_{k}") for k in ("running", "waiting")}
             self.samples.append((time.monotonic() - t0, vals["running"], vals["waiting"]))
 
     def stop(self) -> list[tuple[float, float, float]]:

@@ -8,6 +8,26 @@ from pathlib import Path
 
 import pytest
 
+
+def _pin_xdist_worker() -> None:
+    """Under ``pytest -n N`` give each worker its own share of the cores (and so every
+    engine, server and subprocess it starts, which inherit the affinity; vLLM's CPU
+    worker binds its threads inside the allowed set). Without it the workers' OpenMP
+    threads, each bound to every core and spin-waiting, slow each other down several
+    times over. Runs when conftest is imported, before torch is."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < count:
+        return
+    mine = set(cpus[int(worker.removeprefix("gw")) % count::count])
+    os.sched_setaffinity(0, mine)
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(mine)))
+
+
+_pin_xdist_worker()
+
 from vllm_iapt.toy import build_llama, build_tokenizer, random_adapter
 
 WORDS = ("alpha beta gamma delta sort reverse upper count one two three four five six seven eight nine zero "
@@ -22,6 +42,28 @@ def toy_corpus(n: int = 2000, seed: int = 0) -> list[str]:
         lines.append(" ".join(rng.choice(WORDS) for _ in range(k)) + " " + " ".join(
             str(rng.randint(0, 9)) for _ in range(rng.randint(1, 6))))
     return lines
+
+
+#: Fixtures that start a real engine or server: a test that uses one gets the marker,
+#: so the lanes in the README (``-m "not server"`` ...) select by what really runs.
+ENGINE_FIXTURES = {"llm", "compiled_llm", "family_runs"}
+SERVER_FIXTURES = {"server"}
+
+
+#: The longest files first, so that with two xdist workers (``--dist loadfile``) no
+#: long file starts last and runs alone. Rough minutes on 2 cores; others are short.
+LONG_FILES = {"test_smollm2.py": 5, "test_benchmarks.py": 5, "test_server_faults.py": 4, "test_engine_process.py": 4,
+              "test_bf16.py": 3, "test_demo.py": 2, "test_server.py": 2, "test_families.py": 1.5}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -LONG_FILES.get(item.path.name, 0))  # stable: order within a file kept
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & ENGINE_FIXTURES:
+            item.add_marker(pytest.mark.engine)
+        if names & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(autouse=True, scope="module")

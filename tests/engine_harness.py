@@ -136,6 +136,9 @@ def counter(llm, name: str) -> float:
 def main(spec_path: str) -> None:
     spec = json.load(open(spec_path))
     os.environ.update(spec.get("env", {}))
+    if spec.get("all_cpus") and hasattr(os, "sched_setaffinity"):
+        # e.g. tensor parallelism binding one rank per core, from a test pinned to one core
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
     if spec.get("fake_triton"):
         # What vLLM checks to pick model runner V2 (true on every CUDA install).
         import vllm.config.vllm

@@ -67,6 +67,7 @@ def test_prompt_vs_iapt_quick_plumbing(tmp_path):
     assert (tmp_path / "out" / "prompt_vs_iapt.png").stat().st_size > 0
 
 
+@pytest.mark.server
 def test_onednn_cache_quick_plumbing(tmp_path):
     """One server per oneDNN cache capacity, each worker seeing its own setting, every
     request completed and the worker's memory read before and after."""

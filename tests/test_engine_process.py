@@ -245,6 +245,7 @@ def test_tensor_parallel(tmp_path, tiny_model_dir, adapter_factory, reference):
                         "PYTHONPATH": os.pathsep.join([str(HARNESS.with_name("rank_fault")),
                                                        os.environ.get("PYTHONPATH", "")]),
                         "IAPT_TEST_FAIL_LOAD_ON_RANK": "1:tp-broken"},
+        "all_cpus": True,
         "engine": {"additional_config": {"iapt": {}}, "tensor_parallel_size": 2},
         "batches": [{"items": items, "sampling": greedy}, {"items": mixed, "sampling": greedy},
                     {"items": items[:3], "sampling": greedy}],
