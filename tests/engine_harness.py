@@ -82,6 +82,7 @@ def emulate_cuda_graph_dispatch(llm, max_size: int = 512) -> list[dict[str, Any]
         passes.append({
             "mode": context.cudagraph_runtime_mode.name,
             "planned": runner.iapt is not None and runner.iapt.pending is not None,
+            "groups": len(runner.iapt.pending.groups) if runner.iapt is not None and runner.iapt.pending else 0,
             "iapt_requests": int(np.count_nonzero(batch.request_lora_mapping[: batch.num_reqs] > 0)),
             "uniform_decode": bool(context.batch_descriptor is not None and context.batch_descriptor.uniform),
             "num_tokens": int(context.batch_descriptor.num_tokens) if context.batch_descriptor else None,

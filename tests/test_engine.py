@@ -310,6 +310,23 @@ def test_runner_and_layers_in_use(llm):
     assert all(type(layer).__name__ == "IAPTLlamaDecoderLayer" for layer in runner.get_model().model.layers)
 
 
+def test_a_burst_of_new_adapters_is_spread_over_steps(llm, reference, adapter_factory):
+    """More distinct adapters arrive at once than one step may start (2 x max_adapters
+    = 4 here, what IAPT reserved device memory for): the scheduler starts at most 4
+    per step, the others wait a step, and every request is served exactly."""
+    from vllm_iapt.engine.admission import PrefillAdmission
+
+    cap = PrefillAdmission(2).cap
+    burst = [(f"burst-{i}", 50 + i, str(adapter_factory(f"eng-burst-{i}", num_soft_tokens=2 + i % 3, seed=80 + i)))
+             for i in range(3 * cap)]
+    items = [{"ids": random_ids(6 + i, 1200 + i), "adapter": ad} for i, ad in enumerate(burst)]
+    first = len(llm.cuda_graph_passes)
+    results = run_batch(llm, items, GREEDY)
+    check_against_reference(reference, items, results)
+    planned = [p["groups"] for p in llm.cuda_graph_passes[first:] if p["planned"]]
+    assert max(planned) == cap and sum(planned) == len(burst), planned
+
+
 def test_cuda_graph_dispatch(llm, reference, adapters):
     """With vLLM's CUDA-graph decisions (FULL_AND_PIECEWISE, emulated on the eager
     engine): IAPT requests are not LoRA to the dispatcher, a pass that starts an

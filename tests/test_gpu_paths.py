@@ -340,7 +340,7 @@ def _batch():
 
 
 def test_fail_hits_inside_slots():
-    from vllm_iapt.patches.request_failures import REASON_PREFIX
+    from vllm_iapt.engine.failures import REASON_PREFIX
 
     from vllm_iapt.engine.slots_guard import fail_hits_inside_slots
 

@@ -135,14 +135,14 @@ def test_snapshot_directory_must_be_private(tmp_path):
 
 
 def test_catalog_snapshots_what_it_validated(adapter, tmp_path):
-    from vllm_iapt.engine.frontend import AdapterCatalog, extra_args
+    from vllm_iapt.engine.frontend import AdapterCatalog, request_entry
 
     catalog = AdapterCatalog(128, 2, 32, _store(tmp_path))
     info = catalog.resolve("a", str(adapter))
     original = load_adapter(adapter).content_hash
     assert info.content_hash == original and Path(info.snapshot).name == original
-    args = extra_args(info)
-    assert args["path"] == info.snapshot and args["source"] == str(adapter)
+    entry = request_entry(info)
+    assert entry.path == info.snapshot and entry.source == str(adapter)
     # The user's files change: the next request validates the new content into a
     # new snapshot; the old snapshot still holds what the earlier request was accepted with.
     random_adapter(adapter, seed=99, **KW)

@@ -153,17 +153,20 @@ def test_files_changed_while_requests_are_queued(server, reference):
         # Long base-model requests hold the single sequence slot, so that every job
         # below is still queued when the files change; they are aborted afterwards.
         finished_before = _in_engine_or_finished(await asyncio.to_thread(server.metrics))
-        blockers = []
-        for i in range(16):  # ~30k tokens: tens of seconds even on an idle machine
-            blockers.append(await client.completions.create(
-                model=BASE, prompt=random_ids(6, 900 + i), max_tokens=2000, stream=True, **GREEDY))
-            if i == 0:
-                await blockers[0].__anext__()  # running: everything after it queues
+        def blocker(i: int):
+            return client.completions.create(model=BASE, prompt=random_ids(6, 900 + i), max_tokens=2000,
+                                             stream=True, **GREEDY)
+
+        first = await blocker(0)
+        await first.__anext__()  # running: everything after it queues
+        # The others are sent at once (a streaming call returns only once its request
+        # runs, so awaiting them one by one would let them finish before the faults).
+        blockers = [asyncio.create_task(blocker(i)) for i in range(1, 16)]  # ~30k tokens in all
         tasks = [asyncio.create_task(one(*job)) for job in jobs]
         started = time.monotonic()
         deadline = started + 300
         while (_in_engine_or_finished(await asyncio.to_thread(server.metrics)) - finished_before
-               < len(jobs) + len(blockers)):
+               < len(jobs) + 1 + len(blockers)):
             assert time.monotonic() < deadline, "the requests were not all accepted"
             await asyncio.sleep(0.2)
         # Every request has been accepted (validated and added to the engine).
@@ -171,8 +174,12 @@ def test_files_changed_while_requests_are_queued(server, reference):
               f"{sum(t.done() for t in tasks)} done")
         await asyncio.to_thread(apply_faults)
         pending = {job[0] for job, task in zip(jobs, tasks) if not task.done()}
-        for blocker in blockers:
-            await blocker.close()  # the client goes away: vLLM aborts the request
+        await first.close()  # the client goes away: vLLM aborts the request
+        for task in blockers:
+            if task.done():
+                await task.result().close()
+            else:
+                task.cancel()
         return pending, await asyncio.gather(*tasks)
 
     pending, results = asyncio.run(main())

@@ -8,9 +8,17 @@ content hash is checked again. Only prefill steps ask for weights; decoding neve
 touches this manager.
 
 The CPU cache is bounded in count (``max_cpu_adapters``) and in bytes
-(``max_cpu_adapter_bytes``). A load that fails is recorded against the requests
-that needed it (:meth:`record_failures`); ``patches/request_failures.py`` finishes
-those requests with an error and the engine keeps running.
+(``max_cpu_adapter_bytes``). The device cache is bounded in count
+(``max_adapters``, trimmed after each step) and in bytes: the device memory IAPT
+reserved from the KV cache (:mod:`vllm_iapt.engine.memory`, set by
+``patches/worker_memory.py`` through :meth:`configure_memory`). An adapter enters a
+step only if the step's adapters, their generators' working memory at
+``max_num_batched_tokens`` rows and the resident adapters the step does not use
+fit in it; unused resident adapters are evicted (least recently used first) to make
+room. One that still does not fit fails its requests of that step. A load that
+fails is recorded against the requests that needed it (:meth:`record_failures`);
+``vllm_iapt/engine/failures.py`` finishes those requests with an error and the
+engine keeps running.
 """
 
 from __future__ import annotations
@@ -23,10 +31,14 @@ import torch
 
 from vllm_iapt.adapter import AdapterError, IAPTAdapter, load_adapter
 from vllm_iapt.config import IAPTEngineConfig
+from vllm_iapt.engine import memory
 from vllm_iapt.engine.snapshots import is_snapshot_path, snapshot_root
 from vllm_iapt.generator import GeneratorWeights
 
 logger = logging.getLogger("vllm.iapt")
+
+#: The flag of ``max_device_adapter_bytes`` (named in messages).
+_FLAG = "--iapt-max-device-adapter-bytes"
 
 #: Per layer: the generator's weights on the device, or None if the layer has none.
 DeviceAdapter = list[GeneratorWeights | None]
@@ -42,10 +54,19 @@ class IAPTAdapterManager:
         self._cpu: OrderedDict[str, IAPTAdapter] = OrderedDict()
         self._cpu_bytes = 0
         self._device: OrderedDict[str, DeviceAdapter] = OrderedDict()
+        self._shapes: dict[str, memory.AdapterShape] = {}  # of the device-resident adapters
+        #: The adapters admitted into the step being planned (cleared by :meth:`trim`).
+        self._step: dict[str, memory.AdapterShape] = {}
+        self._no_room: set[str] = set()  # adapters just refused for lack of device memory
+        #: What bounds a step (None until configure_memory: then only weights count).
+        self.limits: memory.StepLimits | None = None
+        #: Device bytes for adapters, weights and working memory (None: unbounded).
+        self.budget: int | None = config.max_device_adapter_bytes
         self._failures: dict[str, str] = {}  # request id -> reason, until taken
         #: content hash -> reason of its last failed load (cleared by a successful one)
         self.failed_hashes: dict[str, str] = {}
         self.num_uploads = 0  # device LRU misses, for tests and metrics
+        self.num_evictions = 0  # device LRU evictions (by count or by bytes)
 
     def _load_cpu(self, content_hash: str, name: str, path: str) -> IAPTAdapter:
         adapter = self._cpu.get(content_hash)
@@ -68,30 +89,92 @@ class IAPTAdapterManager:
                 self._cpu_bytes -= evicted.num_bytes()
         return adapter
 
+    def configure_memory(self, limits: memory.StepLimits, budget: int) -> None:
+        """Bounds the device memory of adapters to ``budget`` bytes (what the
+        worker reserved from the KV cache), steps sized by ``limits``."""
+        self.limits, self.budget = limits, budget
+
     def get(self, content_hash: str, name: str, path: str) -> DeviceAdapter:
+        """The adapter's device weights, admitted into the step being planned
+        (raises an :class:`AdapterError` if it cannot be loaded or does not fit)."""
         weights = self._device.get(content_hash)
         if weights is not None:
+            self._admit(content_hash, self._shapes[content_hash], name)
             self._device.move_to_end(content_hash)
             return weights
         adapter = self._load_cpu(content_hash, name, path)
+        self._admit(content_hash, memory.AdapterShape.of(adapter.config), name)
         weights = [None] * self.num_hidden_layers
         for layer in adapter.config.generator_layers:
             # float32, as views of two buffers per layer: the soft-row op batches adapters by
             # concatenating those buffers (vllm_iapt.generator.generate_grouped)
             weights[layer] = adapter.layer_weights(layer).flattened(self.device)
         self._device[content_hash] = weights
+        self._shapes[content_hash] = self._step[content_hash]
         self.failed_hashes.pop(content_hash, None)
         self.num_uploads += 1
         return weights
 
+    def _needed(self, step: dict[str, memory.AdapterShape]) -> int:
+        """Device bytes while a step of ``step`` runs, with the other resident adapters kept."""
+        idle = [shape for h, shape in self._shapes.items() if h not in step]
+        if self.limits is None:
+            return sum(shape.device_bytes(self.hidden_size) for shape in [*step.values(), *idle])
+        return memory.total_bytes(step.values(), idle, self.limits)
+
+    def _admit(self, content_hash: str, shape: memory.AdapterShape, name: str) -> None:
+        """Adds the adapter to the step being planned, evicting resident adapters the
+        step does not use (least recently used first) until everything fits in
+        ``budget``; raises if it cannot fit."""
+        if self.budget is None or content_hash in self._step:
+            self._step[content_hash] = shape
+            return
+        idle = sum(s.device_bytes(self.hidden_size) for h, s in self._shapes.items() if h != content_hash)
+        alone = self._needed({content_hash: shape}) - idle
+        if alone > self.budget:
+            self._no_room.add(content_hash)
+            weights = shape.device_bytes(self.hidden_size)
+            rows = "" if self.limits is None else f" for max_num_batched_tokens={self.limits.max_tokens} rows"
+            raise AdapterError(name, (
+                f"needs {_mib(alone)} of device memory in a prefill step (weights {_mib(weights)}, generator "
+                f"working memory{rows} {_mib(alone - weights)}), more than max_device_adapter_bytes "
+                f"({_mib(self.budget)}) allows; raise {self._raise_hint()} or lower --max-num-batched-tokens"))
+        step = {**self._step, content_hash: shape}
+        while self._needed(step) > self.budget:
+            unused = next((h for h in self._device if h not in step), None)
+            if unused is None:
+                self._no_room.add(content_hash)
+                raise AdapterError(name, (
+                    f"does not fit in the device memory reserved for IAPT adapters (max_device_adapter_bytes, "
+                    f"{_mib(self.budget)}) next to the {len(self._step)} other adapter(s) of this prefill step "
+                    f"({_mib(self._needed(step))} needed); retry the request, or raise {self._raise_hint()}"))
+            self._evict(unused)
+        self._step[content_hash] = shape
+
+    def _raise_hint(self) -> str:
+        hint = f"{_FLAG} (additional_config['iapt']['max_device_adapter_bytes'])"
+        if self.config.max_device_adapter_bytes is None:
+            hint += ", whose default grows with --max-iapt-adapters"
+        return hint
+
+    def _evict(self, content_hash: str) -> None:
+        del self._device[content_hash]
+        del self._shapes[content_hash]
+        self.num_evictions += 1
+
     def trim(self) -> None:
-        """Evict device-resident adapters beyond ``max_adapters`` (after a step
-        that needed more than that at once)."""
+        """Ends the step being planned: evicts device-resident adapters beyond
+        ``max_adapters`` (after a step that needed more than that at once)."""
         while len(self._device) > self.config.max_adapters:
-            self._device.popitem(last=False)
+            self._evict(next(iter(self._device)))
+        self._step = {}
 
     def resident(self) -> list[str]:
         return list(self._device)
+
+    def device_bytes(self) -> int:
+        """Bytes of the resident adapters' device weights."""
+        return sum(shape.device_bytes(self.hidden_size) for shape in self._shapes.values())
 
     def cpu_bytes(self) -> int:
         return self._cpu_bytes
@@ -102,6 +185,11 @@ class IAPTAdapterManager:
         """``failures``: request id -> reason. With ``content_hash``, later prefills
         that reuse that adapter's cached blocks fail too until a load succeeds."""
         self._failures.update(failures)
+        if content_hash in self._no_room:
+            # No room in this step is not a broken adapter: its blocks cached by earlier steps are
+            # valid, and the failed requests' own blocks leave the prefix cache with them.
+            self._no_room.discard(content_hash)
+            content_hash = None
         if content_hash is not None and failures:
             self.failed_hashes[content_hash] = next(iter(failures.values()))
             while len(self.failed_hashes) > 1024:
@@ -113,3 +201,7 @@ class IAPTAdapterManager:
     def take_failures(self) -> dict[str, str]:
         out, self._failures = self._failures, {}
         return out
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"

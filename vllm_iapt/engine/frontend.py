@@ -3,9 +3,13 @@
 Runs in the API-server / ``LLM`` process. A request whose ``lora_request`` points
 at an IAPT adapter gets ``m`` placeholder ids prepended (the soft slots,
 docs/iapt.md, section 2), its identity for prefix caching in ``cache_salt`` and the facts the
-worker needs in ``sampling_params.extra_args["iapt"]`` (the only per-request
-channels that survive vLLM's inter-process encoding). Outputs are stripped back
-to the user's prompt before anybody sees them.
+worker needs in ``sampling_params.extra_args["iapt"]`` (a typed
+:class:`~vllm_iapt.engine.request_entry.IAPTEntry`; the only per-request channels
+that survive vLLM's inter-process encoding). Outputs are stripped back to the
+user's prompt before anybody sees them.
+
+The front end's IAPT state is one :class:`IAPTFrontend` per engine client (vLLM's
+``LLMEngine`` or ``AsyncLLM``), created with it (``patches/engine_client.py``).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_iapt.adapter import AdapterError, read_adapter
+from vllm_iapt.config import IAPTEngineConfig
+from vllm_iapt.engine.failures import FailureReasons
+from vllm_iapt.engine.request_entry import EXTRA_ARGS_KEY, SALT_PREFIX, IAPTEntry
 from vllm_iapt.engine.snapshots import SnapshotStore
-
-#: Key of our entry in ``SamplingParams.extra_args``.
-EXTRA_ARGS_KEY = "iapt"
+from vllm_iapt.serving import metrics
 
 
 @dataclass(frozen=True)
@@ -138,14 +143,11 @@ def prefix_hit_unit(cache_config) -> int:
 class SoftSlotError(ValueError):
     """A request IAPT cannot serve as given (the prompt cannot take the adapter's
     soft slots, or asks for something IAPT does not support): the client's
-    mistake, so the OpenAI server answers 400 (see ``patches/serving.py``)."""
+    mistake, so the OpenAI server answers 400 (see ``patches/engine_client.py``)."""
 
 
 def prompt_hash(token_ids: list[int]) -> str:
     return hashlib.sha256(b"".join(t.to_bytes(4, "little", signed=False) for t in token_ids)).hexdigest()
-
-
-SALT_PREFIX = "iapt:"
 
 
 def cache_salt(info: AdapterInfo, token_ids: list[int], user_salt: str | None) -> str:
@@ -178,21 +180,10 @@ def with_soft_slots(
     return new
 
 
-def extra_args(info: AdapterInfo) -> dict[str, Any]:
-    """What the worker needs to find the adapter and the slots."""
-    return {"m": info.num_soft_tokens, "content_hash": info.content_hash, "name": info.name,
-            "path": info.snapshot, "source": info.path}
-
-
-def iapt_entry(sampling_params: Any) -> dict[str, Any] | None:
-    """The :func:`extra_args` a request carries (None without an IAPT adapter)."""
-    return (getattr(sampling_params, "extra_args", None) or {}).get(EXTRA_ARGS_KEY)
-
-
-def soft_token_count(sampling_params: Any) -> int:
-    """``m`` of a request (0 if it has no IAPT adapter)."""
-    entry = iapt_entry(sampling_params)
-    return int(entry["m"]) if entry else 0
+def request_entry(info: AdapterInfo) -> IAPTEntry:
+    """What the engine core and the worker need to find the adapter and the slots."""
+    return IAPTEntry(m=info.num_soft_tokens, content_hash=info.content_hash, name=info.name, path=info.snapshot,
+                     source=info.path)
 
 
 def strip_prompt_logprobs(prompt_logprobs, m: int):
@@ -203,3 +194,116 @@ def strip_prompt_logprobs(prompt_logprobs, m: int):
     out.append(None)
     out.extend(prompt_logprobs[m + 1 :])
     return out
+
+
+#: What a request that reaches a stopping server is told (HTTP 503; patches/shutdown.py).
+SHUTDOWN_MESSAGE = "the server is shutting down; send the request again (to another replica)"
+
+
+def shutting_down() -> Exception:
+    """The error for a request that arrives while the engine client stops: HTTP 503
+    ``Service Unavailable``, which load balancers and OpenAI clients retry on another
+    replica (vLLM's own admission control answers 503 for the same reason)."""
+    from http import HTTPStatus
+
+    from vllm.exceptions import GracefulHTTPError
+
+    return GracefulHTTPError(SHUTDOWN_MESSAGE, HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+class IAPTFrontend:
+    """The front end's IAPT state: one per engine client, created with vLLM's
+    ``InputProcessor`` when IAPT is enabled (the one front-end object vLLM builds
+    from the engine config, once per ``LLMEngine`` / ``AsyncLLM``).
+
+    Its home is the input processor (``input_processor.iapt``); the engine client
+    hands the same object to the other vLLM objects it owns whose patches need it
+    (``output_processor.iapt`` and the renderer's tokenizer pool's ``iapt``, see
+    :meth:`share`); the engine client and the OpenAI server reach it as
+    ``engine.input_processor.iapt``. Nothing else in the front end keeps IAPT state.
+    """
+
+    def __init__(self, vllm_config: Any, cfg: IAPTEngineConfig) -> None:
+        self.config = cfg
+        #: Validated adapters (shared with the OpenAI server, which validates at load time).
+        self.catalog = AdapterCatalog.for_engine(vllm_config, cfg)
+        self.max_model_len: int = vllm_config.model_config.max_model_len
+        self.model_name: str = vllm_config.model_config.served_model_name
+        #: Reasons of requests a worker failed (vllm_iapt.engine.failures), by request id.
+        self.failures = FailureReasons()
+        #: The engine client has begun to shut down (patches/shutdown.py).
+        self.stopping = False
+        #: The OpenAI server's adapter registry (vllm_iapt.serving.models.IAPTServing), when there is one.
+        self.serving: Any = None
+
+    @classmethod
+    def for_config(cls, vllm_config: Any) -> "IAPTFrontend | None":
+        """The state of a new input processor (None when IAPT is off)."""
+        from vllm_iapt.engine.support import config_of
+
+        cfg = config_of(vllm_config)
+        return cls(vllm_config, cfg) if cfg is not None else None
+
+    @staticmethod
+    def of(engine: Any) -> "IAPTFrontend | None":
+        """The state of an engine client (None when IAPT is off, or for an engine
+        client that is not one of vLLM's)."""
+        return getattr(getattr(engine, "input_processor", None), "iapt", None)
+
+    @staticmethod
+    def share(engine: Any) -> None:
+        """Hands the input processor's state to the other objects a newly built engine
+        client owns whose patches read it: its output processor and its renderer's
+        tokenizer pool."""
+        state = IAPTFrontend.of(engine)
+        engine.output_processor.iapt = state
+        pool = getattr(getattr(engine, "renderer", None), "_executor", None)  # the tokenizer pool (shutdown.py)
+        if pool is not None:
+            pool.iapt = state
+
+    def with_soft_slots(self, prompt: Any, params: Any, lora_request: Any, resumable: bool) -> tuple[dict, AdapterInfo]:
+        """The request's prompt with the adapter's soft slots and cache salt, and
+        the validated adapter. Raises ``AdapterError`` / :class:`SoftSlotError`
+        (the client's mistake: HTTP 400) naming the adapter."""
+        if resumable:
+            # A streaming-input session (AsyncLLM.generate with an input stream) sends
+            # each chunk here; the scheduler appends it to the session's prompt, so
+            # every chunk would bring its own soft slots, computed as plain tokens.
+            raise SoftSlotError(
+                f"IAPT adapter {lora_request.lora_name!r}: streaming-input (resumable) requests are not supported "
+                "with IAPT adapters; send the whole prompt in one request")
+        info = self.catalog.resolve(lora_request.lora_name, lora_request.lora_path)
+        if not isinstance(prompt, dict):
+            raise SoftSlotError("IAPT requests need a rendered prompt (use LLM.generate or the OpenAI server)")
+        if getattr(params, "prompt_logprob_token_ids", None) is not None or getattr(params, "prompt_logprob_start", None):
+            raise SoftSlotError("prompt_logprob_token_ids/prompt_logprob_start are not supported with IAPT adapters")
+        return with_soft_slots(info, prompt, self.config.placeholder_token_id, self.max_model_len), info
+
+    @staticmethod
+    def tag(request: Any, lora_request: Any, info: AdapterInfo) -> Any:
+        """Puts the adapter back on vLLM's ``EngineCoreRequest`` (the input processor
+        ran with none, so that its "LoRA is not enabled" check passes) and adds the
+        request's :class:`IAPTEntry`."""
+        request.lora_request = lora_request
+        sp = request.sampling_params
+        sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: request_entry(info)}
+        return request
+
+    def before_outputs(self, engine_core_outputs: Any, request_states: dict) -> None:
+        """A step's outputs, before vLLM's output processor handles them: the prefill
+        statistics of IAPT requests lose their soft slots (vLLM's token counters count
+        the user's tokens only), and the reasons of requests a worker failed are kept
+        for the OpenAI server."""
+        for out in engine_core_outputs:
+            request_state = request_states.get(out.request_id)
+            if out.prefill_stats is not None and request_state is not None and request_state.iapt is not None:
+                metrics.exclude_soft_slots(out.prefill_stats, request_state.iapt.m)
+            if out.finish_reason is not None:
+                self.failures.record(out, request_state)
+
+    def admitted(self, lora_request: Any) -> None:
+        """A request entered the engine: count it, and mark its adapter used."""
+        name = lora_request.lora_name if lora_request is not None else None
+        metrics.count_request(self.model_name, name)
+        if name is not None and self.serving is not None:
+            self.serving.touch(name)

@@ -17,7 +17,7 @@ import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
 
 from vllm_iapt.engine.adapter_manager import DeviceAdapter, IAPTAdapterManager
-from vllm_iapt.engine.frontend import iapt_entry
+from vllm_iapt.engine.request_entry import IAPTEntry, iapt_entry
 from vllm_iapt.engine.slots_guard import fail_hits_inside_slots
 
 
@@ -79,17 +79,17 @@ def build_plan(
     if starting.size == 0:
         return None
     row_start = np.cumsum(num_scheduled) - num_scheduled
-    by_adapter: dict[str, tuple[dict, list[np.ndarray], list[np.ndarray], list[int], list[str]]] = {}
+    by_adapter: dict[str, tuple[IAPTEntry, list[np.ndarray], list[np.ndarray], list[int], list[str]]] = {}
     for i in starting.tolist():
         extra = iapt_entry(sampling_params_of(req_ids[i]))
         if extra is None:
             continue
-        m, prompt_len, start = extra["m"], int(num_prompt_tokens[i]), int(row_start[i])
+        m, prompt_len, start = extra.m, int(num_prompt_tokens[i]), int(row_start[i])
         if num_scheduled[i] < prompt_len:
             raise RuntimeError(
                 f"IAPT request {req_ids[i]} was scheduled with {num_scheduled[i]} of its {prompt_len} prompt "
                 "rows: IAPT prompts must never be prefilled in chunks (is chunked prefill on?)")
-        entry = by_adapter.setdefault(extra["content_hash"], (extra, [], [], [], []))
+        entry = by_adapter.setdefault(extra.content_hash, (extra, [], [], [], []))
         entry[1].append(np.arange(start, start + m))
         entry[2].append(np.arange(start + m, start + prompt_len))
         entry[3].append(prompt_len - m)
@@ -97,8 +97,8 @@ def build_plan(
     loaded: dict[str, object] = {}
     for content_hash, (extra, _, _, _, group_req_ids) in by_adapter.items():
         try:
-            loaded[content_hash] = manager.get(content_hash, extra["name"], extra["path"])
-        except Exception as e:  # noqa: BLE001 - fails this adapter's requests only (patches/request_failures.py)
+            loaded[content_hash] = manager.get(content_hash, extra.name, extra.path)
+        except Exception as e:  # noqa: BLE001 - fails this adapter's requests only (vllm_iapt/engine/failures.py)
             reason = _reason(extra, e)
             manager.record_failures({r: reason for r in group_req_ids}, content_hash)
     for content_hash in _failed_on_another_rank(list(by_adapter), loaded):
@@ -144,11 +144,11 @@ def _failed_on_another_rank(keys: list[str], loaded: dict[str, object]) -> list[
     return [k for k, flag in zip(keys, ok.tolist()) if not flag and k in loaded]
 
 
-def _reason(extra: dict, error: Exception) -> str:
-    source = extra.get("source") or extra.get("path")
+def _reason(extra: IAPTEntry, error: Exception) -> str:
+    source = extra.source or extra.path
     text = str(error)
     if not text.startswith("IAPT adapter"):
-        text = f"IAPT adapter {extra.get('name')!r}: {type(error).__name__}: {text}"
+        text = f"IAPT adapter {extra.name!r}: {type(error).__name__}: {text}"
     return f"{text} (adapter from {source!r}); the request was not run"
 
 
@@ -158,5 +158,5 @@ def _fail_cache_hits_of_failed_adapters(manager, req_ids, lora_ids, num_computed
     failed could have hit blocks whose soft rows were never written: fail them too."""
     for i in np.flatnonzero((lora_ids > 0) & (num_computed > 0) & (num_computed < num_prompt_tokens)).tolist():
         extra = iapt_entry(sampling_params_of(req_ids[i]))
-        if extra is not None and extra["content_hash"] in manager.failed_hashes:
-            manager.record_failures({req_ids[i]: manager.failed_hashes[extra["content_hash"]]})
+        if extra is not None and extra.content_hash in manager.failed_hashes:
+            manager.record_failures({req_ids[i]: manager.failed_hashes[extra.content_hash]})

@@ -11,7 +11,7 @@ adapters with more soft tokens than the engine's prefix-cache unit
 attention-only models on whole scheduler blocks; this guard is the second line for
 whatever else produces such a prefix (a finer hash unit than the front end knew of,
 a KV connector, a future vLLM). Such requests are failed with a reason through the
-adapter manager's ``record_failures`` (``patches/request_failures.py``): the
+adapter manager's ``record_failures`` (:mod:`vllm_iapt.engine.failures`): the
 scheduler finishes them with an error before their token is emitted and evicts
 their blocks; every other request runs on.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_iapt.engine.frontend import iapt_entry
+from vllm_iapt.engine.request_entry import iapt_entry
 
 
 def fail_hits_inside_slots(
@@ -49,10 +49,10 @@ def fail_hits_inside_slots(
         entry = iapt_entry(sampling_params_of(req_ids[i]))
         if entry is None:
             continue
-        m, computed = int(entry["m"]), int(num_computed[i])
+        m, computed = entry.m, int(num_computed[i])
         if computed < m:
             failures[req_ids[i]] = (
-                f"IAPT adapter {entry.get('name')!r}: the request's cached prefix ends at token {computed}, "
+                f"IAPT adapter {entry.name!r}: the request's cached prefix ends at token {computed}, "
                 f"inside its {m} soft slots, whose rows {computed}..{m - 1} would never be written; the request "
                 "was not run (the prefix-cache unit must be at least num_soft_tokens; see docs/engine.md)")
     return failures

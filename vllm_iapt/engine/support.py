@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
 
 from vllm_iapt.architectures import checked_architecture
 from vllm_iapt.config import IAPTEngineConfig
@@ -66,8 +67,33 @@ def vllm_version() -> str:
     return vllm.__version__.split("+")[0]
 
 
+#: id(VllmConfig) -> (its additional_config when parsed, the parsed options); an entry
+#: leaves when its config is garbage-collected.
+_parsed: dict[int, tuple[Any, IAPTEngineConfig | None]] = {}
+
+
 def config_of(vllm_config: "VllmConfig") -> IAPTEngineConfig | None:
-    return IAPTEngineConfig.from_additional_config(vllm_config.additional_config)
+    """The IAPT options of an engine config (None when IAPT is off), parsed once per
+    ``VllmConfig`` object (again only if its ``additional_config`` is replaced).
+    Raises a ValueError that names a bad option."""
+    additional = vllm_config.additional_config
+    key = id(vllm_config)
+    hit = _parsed.get(key)
+    if hit is not None and hit[0] is additional:
+        return hit[1]
+    cfg = IAPTEngineConfig.from_additional_config(additional)
+    if hit is None:
+        weakref.finalize(vllm_config, _parsed.pop, key, None)
+    _parsed[key] = (additional, cfg)
+    return cfg
+
+
+def remember_config(vllm_config: "VllmConfig", cfg: IAPTEngineConfig | None) -> None:
+    """Records options already parsed for ``vllm_config`` (by the front end, from
+    the engine arguments it was built from)."""
+    if id(vllm_config) not in _parsed:
+        weakref.finalize(vllm_config, _parsed.pop, id(vllm_config), None)
+    _parsed[id(vllm_config)] = (vllm_config.additional_config, cfg)
 
 
 def prepare_engine_args(args: "EngineArgs", cfg: IAPTEngineConfig) -> None:

@@ -1,5 +1,8 @@
 """Worker-side IAPT state: one object per model runner, created when the model is loaded.
 
+Its home is the model runner (``runner.iapt``, None when IAPT is off); the patches
+on the runner (``patches/model_runner.py``) only call its methods.
+
 :meth:`IAPTWorkerState.attach` runs in every worker right after vLLM built the
 model. It re-checks the configuration the worker was handed
 (:func:`vllm_iapt.engine.support.check_and_adjust`), adds the soft-row write to
@@ -15,11 +18,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+import torch
+
 from vllm_iapt.architectures import checked_architecture
 from vllm_iapt.config import IAPTEngineConfig
-from vllm_iapt.engine import layers, support
+from vllm_iapt.engine import failures, layers, support
 from vllm_iapt.engine.adapter_manager import IAPTAdapterManager
-from vllm_iapt.engine.plan import StepPlan
+from vllm_iapt.engine.plan import StepPlan, build_plan, publish
+from vllm_iapt.engine.request_entry import soft_token_count
 
 logger = logging.getLogger("vllm.iapt")
 
@@ -72,3 +79,62 @@ class IAPTWorkerState:
                     "cudagraph mode %s", count, type(model).__name__, architecture, type(runner).__name__,
                     vllm_config.compilation_config.mode.name, vllm_config.compilation_config.cudagraph_mode.name)
         return state
+
+    # -- one step: _prepare_inputs -> dispatch -> _model_forward -> sample_tokens -> end of execute_model
+
+    def prepare_step(self, runner: Any, num_scheduled_tokens: Any) -> None:
+        """After vLLM prepared the step's inputs: builds the step's plan from the
+        runner's InputBatch and hides the slots from the penalties."""
+        batch = runner.input_batch
+        n = batch.num_reqs
+        self.pending = build_plan(
+            self.manager, batch.req_ids, batch.request_lora_mapping[:n], batch.num_computed_tokens_cpu[:n],
+            batch.num_prompt_tokens[:n], num_scheduled_tokens[:n],
+            lambda req_id: runner.requests[req_id].sampling_params, runner.device)
+        self._hide_slots_from_penalties(runner)
+
+    def publish_plan(self, cudagraph_runtime_mode: Any) -> None:
+        """Right before the model runs, inside its forward context: hands the
+        step's plan to the layers (:func:`vllm_iapt.engine.plan.publish`)."""
+        from vllm.config import CUDAGraphMode
+
+        plan, self.pending = self.pending, None
+        if plan is not None and cudagraph_runtime_mode == CUDAGraphMode.FULL:
+            raise RuntimeError("IAPT: a step that starts an IAPT prefill was dispatched to a full CUDA graph, "
+                               "which would skip the soft-row op (cudagraph_mode must not be FULL)")
+        publish(plan)
+
+    def report_failures(self, result: Any) -> Any:
+        """After sampling: the requests whose adapter failed this step ride on the
+        step's output to the scheduler (:mod:`vllm_iapt.engine.failures`)."""
+        if not self.manager.has_failures():
+            return result
+        taken = self.manager.take_failures()
+        result, attached = failures.attach_to_output(result, taken)
+        if not attached:  # nothing to carry them this step: keep them for the next
+            self.manager.record_failures(taken)
+        return result
+
+    def end_step(self) -> None:
+        """After ``execute_model``: a plan never published (a dummy or profiling
+        run) is dropped, so no later forward sees a stale one."""
+        self.pending = None
+
+    def _hide_slots_from_penalties(self, runner: Any) -> None:
+        """Pads the soft slots out of the prompt ids the penalties see (vLLM pads
+        prompt rows with ``vocab_size``, which counts as no token): the repetition
+        penalty treats every prompt token id as seen, and the placeholder id is a
+        real token of the vocabulary."""
+        batch = runner.input_batch
+        prompts = batch.sampling_metadata.prompt_token_ids
+        if prompts is None or prompts is self.penalty_prompts_fixed:
+            return
+        rows, cols = [], []
+        for i in np.flatnonzero(batch.request_lora_mapping[: batch.num_reqs] > 0).tolist():
+            m = soft_token_count(runner.requests[batch.req_ids[i]].sampling_params)
+            rows += [i] * m
+            cols += range(m)
+        if rows:
+            index = (torch.tensor(rows), torch.tensor(cols))
+            prompts[tuple(t.to(prompts.device) for t in index)] = batch.vocab_size
+        self.penalty_prompts_fixed = prompts

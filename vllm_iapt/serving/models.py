@@ -43,10 +43,8 @@ def _inside(path: str, root: str) -> bool:
 
 
 class IAPTServing:
-    """What the OpenAI server needs to load IAPT adapters (one per API server)."""
-
-    #: The instances of this process (one per OpenAI server), for :meth:`touch`.
-    _instances: "list[IAPTServing]" = []
+    """What the OpenAI server needs to load IAPT adapters: one per API server, kept
+    in its engine client's front-end state (``IAPTFrontend.serving``)."""
 
     def __init__(self, catalog: AdapterCatalog, adapter_dir: str | None, max_runtime: int = 64) -> None:
         self.catalog = catalog
@@ -54,7 +52,6 @@ class IAPTServing:
         self.max_runtime = max_runtime
         #: run-time adapter name -> loaded by the resolver (True) or explicitly; least recently used first
         self.runtime: OrderedDict[str, bool] = OrderedDict()
-        IAPTServing._instances.append(self)
 
     def track_runtime(self, name: str, resolved: bool) -> None:
         self.runtime[name] = resolved
@@ -63,12 +60,10 @@ class IAPTServing:
     def untrack_runtime(self, name: str) -> None:
         self.runtime.pop(name, None)
 
-    @classmethod
-    def touch(cls, name: str) -> None:
+    def touch(self, name: str) -> None:
         """A request used ``name``: it is now the most recently used."""
-        for serving in cls._instances:
-            if name in serving.runtime:
-                serving.runtime.move_to_end(name)
+        if name in self.runtime:
+            self.runtime.move_to_end(name)
 
     def evict_for(self, name: str) -> str | None | bool:
         """Room for one more run-time adapter: None if there is room, the name of
