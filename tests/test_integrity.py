@@ -321,24 +321,9 @@ GREEDY = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
 
 
 def _run(llm, jobs, before_steps=None):
-    """Adds ``jobs`` ([(ids, IAPTRequest|None)]) to the engine, calls
-    ``before_steps`` (the requests are accepted, none has run), then steps."""
-    from vllm import SamplingParams
+    from engine_harness import run_together
 
-    engine = llm.llm_engine
-    ids = []
-    for i, (prompt, lora) in enumerate(jobs):
-        rid = f"integrity-{time.monotonic_ns()}-{i}"
-        engine.add_request(rid, {"type": "token", "prompt_token_ids": prompt}, SamplingParams(**GREEDY), lora_request=lora)
-        ids.append(rid)
-    if before_steps is not None:
-        before_steps()
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[r] for r in ids]
+    return run_together(llm, jobs, GREEDY, before_steps)
 
 
 def test_files_replaced_after_acceptance_do_not_change_the_answer(llm, reference, tmp_path):

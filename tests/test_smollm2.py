@@ -42,17 +42,13 @@ def held_out(name: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
-    from vllm_iapt.models.smollm2 import get_model
-
-    return get_model()  # converts on a fresh machine (about 15-45 s), cached afterwards
+def model_dir(smollm2_dir) -> Path:
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")
-def tok(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
+def tok(smollm2_tok):
+    return smollm2_tok
 
 
 def chat_ids(tok, user: str) -> list[int]:

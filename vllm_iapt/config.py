@@ -120,8 +120,8 @@ class IAPTEngineConfig(BaseModel):
         "generator weights of the resident adapters and of the adapters one prefill step needs, and the generators' "
         "working memory for max_num_batched_tokens rows (docs/engine.md, 'Memory'). Default: what a step with "
         "2 x max_adapters adapters of bottleneck 64 (up to 16 soft tokens, a generator in every layer) needs. Resident "
-        "adapters a step does not use are evicted to make room; an adapter that does not fit next to the step's "
-        "others fails its requests of that step (they can be retried), one that does not fit alone is refused")
+        "adapters a step does not use are evicted to make room; a step whose adapters still do not fit runs over "
+        "the reservation (logged); an adapter that does not fit alone is refused")
     max_runtime_adapters: int = Field(
         64, ge=0,
         description="adapters registered at run time (/v1/load_lora_adapter or the resolver) per API "
