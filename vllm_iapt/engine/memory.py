@@ -10,9 +10,11 @@ the step. ``patches/worker_memory.py`` subtracts :func:`reservation` from the
 KV-cache bytes at start-up, and :class:`vllm_iapt.engine.adapter_manager.IAPTAdapterManager`
 keeps every step inside it: it admits an adapter into a step only if
 :func:`step_bytes` of the step's adapters, plus the resident adapters the step does
-not use, stays within the reservation (evicting unused resident adapters first);
-an adapter that does not fit fails its requests for that step, with a message that
-names the option to raise.
+not use, stays within the reservation (evicting unused resident adapters first).
+The scheduler starts at most ``REFERENCE_STEP_FACTOR x max_adapters`` adapters'
+prefills per step (:mod:`vllm_iapt.engine.admission`); a step whose adapters still do
+not fit runs over the reservation (logged), and an adapter that cannot fit even
+alone fails its requests with a message that names the option to raise.
 
 The bound of one step (per worker; tensor-parallel ranks each hold whole
 adapters and run whole generators), :func:`step_bytes`:
