@@ -52,7 +52,7 @@ SERVER_FIXTURES = {"server"}
 
 #: The longest files first, so that with two xdist workers (``--dist loadfile``) no
 #: long file starts last and runs alone. Rough minutes on 2 cores; others are short.
-LONG_FILES = {"test_smollm2.py": 5, "test_benchmarks_smollm2.py": 3.5, "test_benchmarks.py": 2, "test_server_faults.py": 4, "test_engine_process.py": 4,
+LONG_FILES = {"test_smollm2.py": 5, "test_benchmarks_smollm2.py": 3.5, "test_benchmarks.py": 4.5, "test_server_faults.py": 4, "test_engine_process.py": 4,
               "test_bf16.py": 3, "test_demo.py": 2, "test_server.py": 2, "test_families.py": 1.5}
 
 

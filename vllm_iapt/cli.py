@@ -7,29 +7,49 @@ import argparse
 import json
 import sys
 import typing
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 
-def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+def add_model_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    model: type[BaseModel],
+    *,
+    flag_of: Callable[[str], str] = lambda name: "--" + name.replace("_", "-"),
+    dest_of: Callable[[str], str] = lambda name: name,
+    help_of: Callable[[str, FieldInfo], str] | None = None,
+) -> None:
+    """One flag per field of ``model`` (the one pydantic-to-argparse generator: the
+    trainer's flags and ``vllm serve``'s ``--iapt-*`` flags both come from here).
+
+    Every flag defaults to None, meaning "not given": :func:`model_from_args` (or the
+    caller) lets pydantic apply the field's default, so validation stays in one place.
+    """
     for name, field in model.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = field.description or ""
-        if not field.is_required():
+        help_text = (field.description or name).replace("%", "%%")
+        if help_of is not None:
+            help_text = help_of(name, field).replace("%", "%%")
+        elif not field.is_required():
             help_text += f" (default: {field.default})"
+        kwargs: dict[str, Any] = {"dest": dest_of(name), "default": None, "help": help_text}
         ann = field.annotation
-        if ann is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        inner = [a for a in typing.get_args(ann) if a is not type(None)]  # ``X | None`` takes an X
+        if ann is bool or inner == [bool]:
+            parser.add_argument(flag_of(name), action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        kwargs: dict = {"dest": name, "default": None, "help": help_text, "required": field.is_required()}
-        args = typing.get_args(ann)
+        kwargs["required"] = field.is_required()
         if typing.get_origin(ann) is typing.Literal:
-            kwargs["choices"] = list(args)
-        elif list[int] in (ann, *args):
+            kwargs["choices"] = list(typing.get_args(ann))
+        elif list[int] in (ann, *inner):
             kwargs.update(type=int, nargs="+")
-        elif ann in (int, float):
-            kwargs["type"] = ann
-        parser.add_argument(flag, **kwargs)
+        else:
+            scalar = inner[0] if typing.get_origin(ann) is not None and len(inner) == 1 else ann
+            if scalar in (int, float, str):
+                kwargs.update(type=scalar, metavar=name.upper())
+        parser.add_argument(flag_of(name), **kwargs)
 
 
 def model_from_args(model: type[BaseModel], ns: argparse.Namespace) -> BaseModel:

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
-
 import torch
+from vllm.utils.cache import LRUCache
 
 from vllm_iapt.adapter import AdapterError, IAPTAdapter, load_adapter
 from vllm_iapt.config import IAPTEngineConfig
@@ -56,9 +55,12 @@ class IAPTAdapterManager:
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.snapshot_root = snapshot_root(config.snapshot_dir)
-        self._cpu: OrderedDict[str, IAPTAdapter] = OrderedDict()
-        self._cpu_bytes = 0
-        self._device: OrderedDict[str, DeviceAdapter] = OrderedDict()
+        #: content hash -> adapter in host memory, bounded in bytes (and in count, see _load_cpu)
+        self._cpu: LRUCache[str, IAPTAdapter] = LRUCache(config.max_cpu_adapter_bytes,
+                                                          getsizeof=lambda adapter: adapter.num_bytes())
+        #: content hash -> device weights; the step's adapters are pinned while it is planned
+        #: (evictions to make room skip them), the count bound is applied by :meth:`trim`
+        self._device: LRUCache[str, DeviceAdapter] = LRUCache(float("inf"))
         self._shapes: dict[str, memory.AdapterShape] = {}  # of the device-resident adapters
         #: The adapters admitted into the step being planned (cleared by :meth:`trim`).
         self._step: dict[str, memory.AdapterShape] = {}
@@ -69,7 +71,7 @@ class IAPTAdapterManager:
         self.budget: int | None = config.max_device_adapter_bytes
         self._failures: dict[str, str] = {}  # request id -> reason, until taken
         #: content hash -> reason of its last failed load (cleared by a successful one)
-        self.failed_hashes: dict[str, str] = {}
+        self.failed_hashes: LRUCache[str, str] = LRUCache(1024)
         self.num_uploads = 0  # device LRU misses, for tests and metrics
         self.num_evictions = 0  # device LRU evictions (by count or by bytes)
         self.num_over_budget = 0  # adapters admitted into a step that already filled the reservation
@@ -77,7 +79,6 @@ class IAPTAdapterManager:
     def _load_cpu(self, content_hash: str, name: str, path: str) -> IAPTAdapter:
         adapter = self._cpu.get(content_hash)
         if adapter is not None:
-            self._cpu.move_to_end(content_hash)
             return adapter
         if not is_snapshot_path(path, self.snapshot_root) or os.path.basename(path) != content_hash:
             raise AdapterError(name, f"{path!r} is not a snapshot in this engine's snapshot directory "
@@ -86,13 +87,9 @@ class IAPTAdapterManager:
                                num_hidden_layers=self.num_hidden_layers, root=self.snapshot_root)
         if adapter.content_hash != content_hash:
             raise AdapterError(name, f"snapshot {path!r} does not hold the content that was accepted")
-        size = adapter.num_bytes()
-        if size <= self.config.max_cpu_adapter_bytes:  # larger: used for this step, not kept
-            self._cpu[content_hash] = adapter
-            self._cpu_bytes += size
-            while len(self._cpu) > self.config.max_cpu_adapters or self._cpu_bytes > self.config.max_cpu_adapter_bytes:
-                _, evicted = self._cpu.popitem(last=False)
-                self._cpu_bytes -= evicted.num_bytes()
+        if self._cpu.put_if_fits(content_hash, adapter):  # larger than the cache: used for this step, not kept
+            while len(self._cpu) > self.config.max_cpu_adapters:
+                self._cpu.remove_oldest()
         return adapter
 
     def configure_memory(self, limits: memory.StepLimits, budget: int) -> None:
@@ -105,8 +102,8 @@ class IAPTAdapterManager:
         (raises an :class:`AdapterError` if it cannot be loaded or does not fit)."""
         weights = self._device.get(content_hash)
         if weights is not None:
+            self._device.pin(content_hash)  # before admitting: making room must not evict it
             self._admit(content_hash, self._shapes[content_hash], name)
-            self._device.move_to_end(content_hash)
             return weights
         adapter = self._load_cpu(content_hash, name, path)
         self._admit(content_hash, memory.AdapterShape.of(adapter.config), name)
@@ -116,6 +113,7 @@ class IAPTAdapterManager:
             # concatenating those buffers (vllm_iapt.generator.generate_grouped)
             weights[layer] = adapter.layer_weights(layer).flattened(self.device)
         self._device[content_hash] = weights
+        self._device.pin(content_hash)
         self._shapes[content_hash] = self._step[content_hash]
         self.failed_hashes.pop(content_hash, None)
         self.num_uploads += 1
@@ -147,8 +145,7 @@ class IAPTAdapterManager:
                 f"({_mib(self.budget)}) allows; raise {self._raise_hint()} or lower --max-num-batched-tokens"))
         step = {**self._step, content_hash: shape}
         while self._needed(step) > self.budget:
-            unused = next((h for h in self._device if h not in step), None)
-            if unused is None:
+            if len(self._device.pinned_items) == len(self._device):  # every resident adapter is in the step
                 self.num_over_budget += 1
                 logger.warning(
                     "IAPT: adapter %r and the %d other adapter(s) of this prefill step need %s, more than the %s "
@@ -156,7 +153,7 @@ class IAPTAdapterManager:
                     "tight, raise %s", name, len(self._step), _mib(self._needed(step)), _mib(self.budget),
                     self._raise_hint())
                 break
-            self._evict(unused)
+            self._evict()
         self._step[content_hash] = shape
 
     def _raise_hint(self) -> str:
@@ -165,16 +162,18 @@ class IAPTAdapterManager:
             hint += ", whose default grows with --max-iapt-adapters"
         return hint
 
-    def _evict(self, content_hash: str) -> None:
-        del self._device[content_hash]
+    def _evict(self) -> None:
+        """Evicts the least recently used resident adapter the step being planned does not use."""
+        content_hash, _ = self._device.popitem()
         del self._shapes[content_hash]
         self.num_evictions += 1
 
     def trim(self) -> None:
-        """Ends the step being planned: evicts device-resident adapters beyond
-        ``max_adapters`` (after a step that needed more than that at once)."""
+        """Ends the step being planned: unpins its adapters and evicts device-resident
+        adapters beyond ``max_adapters`` (after a step that needed more than that at once)."""
+        self._device.pinned_items.clear()
         while len(self._device) > self.config.max_adapters:
-            self._evict(next(iter(self._device)))
+            self._evict()
         self._step = {}
 
     def resident(self) -> list[str]:
@@ -185,7 +184,7 @@ class IAPTAdapterManager:
         return sum(shape.device_bytes(self.hidden_size) for shape in self._shapes.values())
 
     def cpu_bytes(self) -> int:
-        return self._cpu_bytes
+        return int(self._cpu.currsize)
 
     # -- failures -----------------------------------------------------------
 
@@ -200,8 +199,6 @@ class IAPTAdapterManager:
             content_hash = None
         if content_hash is not None and failures:
             self.failed_hashes[content_hash] = next(iter(failures.values()))
-            while len(self.failed_hashes) > 1024:
-                self.failed_hashes.pop(next(iter(self.failed_hashes)))
 
     def has_failures(self) -> bool:
         return bool(self._failures)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import OrderedDict
 from typing import Any
 
 logger = logging.getLogger("vllm.iapt")
@@ -118,8 +117,9 @@ class FailureReasons:
     """The reasons of failed IAPT requests by request id (bounded, oldest dropped)."""
 
     def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._reasons: OrderedDict[str, str] = OrderedDict()
+        from vllm.utils.cache import LRUCache
+
+        self._reasons: LRUCache[str, str] = LRUCache(capacity)
 
     def record(self, out: Any, request_state: Any) -> None:
         """Remembers the reason if ``out`` (an ``EngineCoreOutput``) finished an IAPT
@@ -129,13 +129,12 @@ class FailureReasons:
         if (out.finish_reason == FinishReason.ERROR and isinstance(out.stop_reason, str)
                 and out.stop_reason.startswith(REASON_PREFIX)):
             self._reasons[getattr(request_state, "external_req_id", None) or out.request_id] = out.stop_reason
-            while len(self._reasons) > self.capacity:
-                self._reasons.popitem(last=False)
 
     def reason_for(self, request_id: str) -> str | None:
         """The reason of an OpenAI request id (its own, or a prompt's ``<id>-<i>``), if any."""
         found = self._reasons.get(request_id)
         if found is None:
             prefix = request_id + "-"
-            found = next((r for k, r in reversed(self._reasons.items()) if k.startswith(prefix)), None)
+            view = self._reasons.cache  # a copy in LRU order: reading it does not reorder the cache
+            found = next((view[k] for k in reversed(list(view)) if k.startswith(prefix)), None)
         return found

@@ -18,9 +18,10 @@ import dataclasses
 import hashlib
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
+
+from vllm.utils.cache import LRUCache
 
 from vllm_iapt.adapter import AdapterError, read_adapter
 from vllm_iapt.config import IAPTEngineConfig
@@ -60,8 +61,8 @@ class AdapterCatalog:
         self.hit_unit = hit_unit  # see prefix_hit_unit
         self.store = store
         self.capacity = capacity
-        self._cache: OrderedDict[tuple, AdapterInfo] = OrderedDict()
-        self._roots: dict[str, str] = {}
+        self._cache: LRUCache[tuple, AdapterInfo] = LRUCache(capacity)  # by the files' stamp
+        self._roots: LRUCache[str, str] = LRUCache(4 * capacity)  # run-time adapter path -> its root
         self._snapshots: dict[str, tuple | None] = {}  # snapshot path -> its files' stamp when written or checked
         self._lock = threading.Lock()
 
@@ -75,8 +76,6 @@ class AdapterCatalog:
         """Reads of ``path`` (a run-time adapter) must stay inside ``root``."""
         with self._lock:
             self._roots[path] = os.path.realpath(root)
-            if len(self._roots) > 4 * self.capacity:
-                self._roots.pop(next(iter(self._roots)))
 
     @staticmethod
     def _stamp(path: str) -> tuple:
@@ -93,8 +92,6 @@ class AdapterCatalog:
         key = self._stamp(path)
         with self._lock:
             info = self._cache.get(key)
-            if info is not None:
-                self._cache.move_to_end(key)
             root = self._roots.get(path)
         stamp = self.store.stamp(info.snapshot) if info is not None else None
         if stamp is not None and self._snapshots.get(info.snapshot) == stamp:  # the snapshot is as written
@@ -117,8 +114,6 @@ class AdapterCatalog:
         with self._lock:
             self._snapshots[snapshot] = self.store.stamp(snapshot)
             self._cache[key] = info
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
             if len(self._snapshots) > 4 * self.capacity:
                 live = {i.snapshot for i in self._cache.values()}
                 self._snapshots = {k: v for k, v in self._snapshots.items() if k in live}

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import typing
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_iapt.cli import add_model_flags
 from vllm_iapt.config import IAPTEngineConfig
 
 #: Flag names that follow vLLM's ``--max-loras`` / ``--max-cpu-loras`` style;
@@ -63,20 +63,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Directory for run-time adapters (only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1): "
         "/v1/load_lora_adapter accepts paths inside it only, and a request for an unknown plain model "
         "name `x` loads `<dir>/x` if it holds an IAPT adapter. Without it, run-time loading is refused.")
-    for name, field in IAPTEngineConfig.model_fields.items():
-        kwargs: dict[str, Any] = {"dest": _DEST_PREFIX + name, "default": None}
-        if field.annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            # ``X | None`` takes an X.
-            args_of = [a for a in typing.get_args(field.annotation) if a is not type(None)]
-            kwargs["type"] = args_of[0] if args_of else field.annotation
-            kwargs["metavar"] = name.upper()
-        help_text = (field.description or name).replace("%", "%%")
-        # argparse shows "(default: None)": unset means the engine default below,
-        # or the value given in --additional-config.
-        group.add_argument(option_flag(name), help=f"{help_text}. Same as additional_config['iapt']['{name}']; "
-                           f"engine default {field.default}.", **kwargs)
+    # argparse would show "(default: None)": unset means the engine default, or the
+    # value given in --additional-config.
+    add_model_flags(group, IAPTEngineConfig, flag_of=option_flag, dest_of=lambda name: _DEST_PREFIX + name,
+                    help_of=lambda name, field: f"{field.description or name}. Same as "
+                    f"additional_config['iapt']['{name}']; engine default {field.default}.")
 
 
 def fold_into_engine_args(args: argparse.Namespace, engine_args: Any) -> None:

@@ -18,10 +18,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections import OrderedDict
-
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
+from vllm.utils.cache import LRUCache
 
 from vllm_iapt.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_config_json
 from vllm_iapt.engine.frontend import AdapterCatalog, AdapterInfo
@@ -50,30 +49,32 @@ class IAPTServing:
         self.catalog = catalog
         self.adapter_dir = os.path.realpath(adapter_dir) if adapter_dir else None
         self.max_runtime = max_runtime
-        #: run-time adapter name -> loaded by the resolver (True) or explicitly; least recently used first
-        self.runtime: OrderedDict[str, bool] = OrderedDict()
+        #: run-time adapter name -> loaded by the resolver (True) or explicitly (pinned: only
+        #: an unload removes it); bounded by :meth:`evict_for`
+        self.runtime: LRUCache[str, bool] = LRUCache(float("inf"))
 
     def track_runtime(self, name: str, resolved: bool) -> None:
         self.runtime[name] = resolved
-        self.runtime.move_to_end(name)
+        if not resolved:
+            self.runtime.pin(name)
+        elif name in self.runtime.pinned_items:
+            self.runtime._unpin(name)
 
     def untrack_runtime(self, name: str) -> None:
         self.runtime.pop(name, None)
 
     def touch(self, name: str) -> None:
         """A request used ``name``: it is now the most recently used."""
-        if name in self.runtime:
-            self.runtime.move_to_end(name)
+        self.runtime.touch(name)
 
     def evict_for(self, name: str) -> str | None | bool:
         """Room for one more run-time adapter: None if there is room, the name of
         the resolver-loaded adapter to unregister, or False if none can go."""
         if name in self.runtime or len(self.runtime) < self.max_runtime:
             return None
-        victim = next((n for n, resolved in self.runtime.items() if resolved), None)
-        if victim is None:
+        if len(self.runtime.pinned_items) == len(self.runtime):  # all loaded explicitly
             return False
-        del self.runtime[victim]
+        victim, _ = self.runtime.popitem()
         return victim
 
     def runtime_path(self, name: str, path: str) -> str:
