@@ -164,6 +164,9 @@ PATCHED_SYMBOLS: tuple[PatchedSymbol, ...] = (
     PatchedSymbol(FRONTEND, "serving", "vllm.entrypoints.openai.models.serving.OpenAIServingModels.resolve_lora",
                   "resolve unknown names in --iapt-adapter-dir only, within max_runtime_adapters", "as above",
                   "none known"),
+    PatchedSymbol(FRONTEND, "serving", "vllm.entrypoints.serve.engine.serving.BaseServing._maybe_get_adapters",
+                  "a request whose resolver-loaded adapter was unregistered (registry churn) after its model "
+                  "check is served from --iapt-adapter-dir, not answered 404", "as above", "none known"),
     PatchedSymbol(FRONTEND, "serving", "vllm.entrypoints.generate.base.serving.GenerateBaseServing._raise_if_error",
                   "a request whose adapter failed in the worker is answered with the reason",
                   "vLLM reports per-request failure reasons", "none known"),

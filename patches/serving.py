@@ -25,7 +25,10 @@ paths or download files outside the configured directory.
 
 How: wraps ``OpenAIServingModels.__init__``, ``init_static_loras``,
 ``load_lora_adapter``, ``unload_lora_adapter`` and ``resolve_lora``, and
-``GenerateBaseServing._raise_if_error``; each calls the original when IAPT is not
+``GenerateBaseServing._raise_if_error``, and ``BaseServing._maybe_get_adapters`` (a
+resolver-loaded adapter unregistered to make room between a request's model check and
+its adapter lookup is served from the directory, not answered 404); each calls the
+original when IAPT is not
 enabled. (Request counting and the 400 for adapter errors are in
 ``patches/engine_client.py``, which wraps ``AsyncLLM.add_request``.)
 
@@ -44,6 +47,7 @@ from vllm.entrypoints.generate.base.serving import GenerateBaseServing
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 from vllm.entrypoints.serve import create_error_response
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.engine.serving import BaseServing
 from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 from vllm.exceptions import GenerationError
 from vllm.lora.request import LoRARequest
@@ -113,7 +117,9 @@ def _make_room(self: OpenAIServingModels, name: str) -> ErrorResponse | None:
             "adapters loaded at run time; unload one first (/v1/unload_lora_adapter) or raise "
             "--max-runtime-iapt-adapters")
     if evicted:
-        self.lora_requests.pop(evicted, None)
+        gone = self.lora_requests.pop(evicted, None)
+        if gone is not None:
+            iapt.unregistered_ids[evicted] = gone.lora_int_id
         logger.info("IAPT adapter %r unregistered to make room for %r (max_runtime_adapters=%d; it is loaded "
                     "again by the resolver when asked for)", evicted, name, iapt.max_runtime)
     return None
@@ -126,6 +132,7 @@ def apply() -> None:
     original_unload = OpenAIServingModels.unload_lora_adapter
     original_resolve = OpenAIServingModels.resolve_lora
     original_raise = GenerateBaseServing._raise_if_error
+    original_get_adapters = BaseServing._maybe_get_adapters
 
     def __init__(self, engine_client, base_model_paths, *args, **kwargs):
         state = _state(engine_client)
@@ -205,9 +212,20 @@ def apply() -> None:
                 raise GenerationError(reason)
         return original_raise(self, finish_reason, request_id)
 
+    def _maybe_get_adapters(self, request, *args, **kwargs):
+        iapt = _iapt(self.models)
+        name = getattr(request, "model", None)
+        if (iapt is not None and name and envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING
+                and name not in self.models.lora_requests and not self._is_model_supported(name)):
+            found = iapt.unregistered(name, lambda: self.models.lora_id_counter.inc(1))
+            if found is not None:  # resolved by this request's model check, unregistered since
+                return found
+        return original_get_adapters(self, request, *args, **kwargs)
+
     OpenAIServingModels.__init__ = __init__
     OpenAIServingModels.init_static_loras = init_static_loras
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
     OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
     OpenAIServingModels.resolve_lora = resolve_lora
     GenerateBaseServing._raise_if_error = _raise_if_error
+    BaseServing._maybe_get_adapters = _maybe_get_adapters

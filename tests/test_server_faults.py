@@ -240,6 +240,25 @@ def test_runtime_adapters_are_bounded(server):
     assert "unregistered to make room for 'extra6'" in server.log_text()
 
 
+def test_registry_churn_never_answers_404(server):
+    """Issue 21: more resolver-found adapters in flight than the registry holds. A name
+    resolved by a request's model check may be unregistered to make room for another
+    before the request looks its adapter up; the request is served anyway."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = server.client()
+    for name in {m.id for m in client.models.list().data} - {BASE, "sort"}:
+        server.post("/v1/unload_lora_adapter", {"lora_name": name})
+    names = [f"extra{i % 8}" for i in range(48)]  # 8 adapters through a registry of 6
+
+    def ask(name: str) -> str:
+        return client.completions.create(model=name, prompt=[1, 4, 9], max_tokens=1).model
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(ask, names)) == names
+    assert "unregistered to make room" in server.log_text()  # the registry did churn
+
+
 def test_prompt_token_counters_exclude_soft_slots(server):
     def counter(text: str, name: str) -> float:
         return sum(float(v) for v in re.findall(r"^%s(?:\{[^}]*\})? (\S+)$" % re.escape(name), text, re.M))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import Callable
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 from vllm.utils.cache import LRUCache
@@ -52,6 +53,8 @@ class IAPTServing:
         #: run-time adapter name -> loaded by the resolver (True) or explicitly (pinned: only
         #: an unload removes it); bounded by :meth:`evict_for`
         self.runtime: LRUCache[str, bool] = LRUCache(float("inf"))
+        #: the adapter ids of unregistered resolver-loaded adapters (reused by :meth:`unregistered`)
+        self.unregistered_ids: LRUCache[str, int] = LRUCache(16 * max_runtime)
 
     def track_runtime(self, name: str, resolved: bool) -> None:
         self.runtime[name] = resolved
@@ -92,6 +95,26 @@ class IAPTServing:
             raise ValueError(f"IAPT adapter {name!r}: path {path!r} is outside the adapter directory")
         self.catalog.confine(real, root)  # and every later read of it is checked again
         return real
+
+    def unregistered(self, name: str, next_id: Callable[[], int]) -> LoRARequest | None:
+        """A request for run-time adapter ``name`` found in ``--iapt-adapter-dir`` but not
+        registered (any more), or None. Under churn a resolver-loaded adapter can be
+        unregistered to make room for another between a request's model check (which
+        resolved it) and its adapter lookup; the request is then served from the
+        directory exactly as the resolver would find it (confined to the directory, fully
+        validated by the input processor), never answered 404."""
+        if self.adapter_dir is None or not is_plain_name(name):
+            return None
+        path = os.path.join(self.adapter_dir, name)
+        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            return None
+        try:
+            real = self.runtime_path(name, path)
+        except ValueError:
+            return None
+        lora_int_id = self.unregistered_ids.get(name) or next_id()
+        self.unregistered_ids[name] = lora_int_id
+        return LoRARequest(lora_name=name, lora_int_id=lora_int_id, lora_path=real)
 
     async def validate(self, name: str, path: str) -> AdapterInfo:
         """Fully validates the adapter (off the event loop); AdapterError names it."""
