@@ -117,9 +117,7 @@ def _make_room(self: OpenAIServingModels, name: str) -> ErrorResponse | None:
             "adapters loaded at run time; unload one first (/v1/unload_lora_adapter) or raise "
             "--max-runtime-iapt-adapters")
     if evicted:
-        gone = self.lora_requests.pop(evicted, None)
-        if gone is not None:
-            iapt.unregistered_ids[evicted] = gone.lora_int_id
+        self.lora_requests.pop(evicted, None)
         logger.info("IAPT adapter %r unregistered to make room for %r (max_runtime_adapters=%d; it is loaded "
                     "again by the resolver when asked for)", evicted, name, iapt.max_runtime)
     return None

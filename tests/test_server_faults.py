@@ -250,13 +250,14 @@ def test_registry_churn_never_answers_404(server):
     for name in {m.id for m in client.models.list().data} - {BASE, "sort"}:
         server.post("/v1/unload_lora_adapter", {"lora_name": name})
     names = [f"extra{i % 8}" for i in range(48)]  # 8 adapters through a registry of 6
+    evictions = server.log_text().count("unregistered to make room")
 
     def ask(name: str) -> str:
         return client.completions.create(model=name, prompt=[1, 4, 9], max_tokens=1).model
 
     with ThreadPoolExecutor(16) as pool:
         assert list(pool.map(ask, names)) == names
-    assert "unregistered to make room" in server.log_text()  # the registry did churn
+    assert server.log_text().count("unregistered to make room") > evictions  # the registry did churn
 
 
 def test_prompt_token_counters_exclude_soft_slots(server):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+
 import torch
 from vllm.utils.cache import LRUCache
 

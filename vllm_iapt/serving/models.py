@@ -19,6 +19,7 @@ import asyncio
 import os
 import re
 from collections.abc import Callable
+
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 from vllm.utils.cache import LRUCache
@@ -53,15 +54,13 @@ class IAPTServing:
         #: run-time adapter name -> loaded by the resolver (True) or explicitly (pinned: only
         #: an unload removes it); bounded by :meth:`evict_for`
         self.runtime: LRUCache[str, bool] = LRUCache(float("inf"))
-        #: the adapter ids of unregistered resolver-loaded adapters (reused by :meth:`unregistered`)
-        self.unregistered_ids: LRUCache[str, int] = LRUCache(16 * max_runtime)
 
     def track_runtime(self, name: str, resolved: bool) -> None:
         self.runtime[name] = resolved
         if not resolved:
             self.runtime.pin(name)
-        elif name in self.runtime.pinned_items:
-            self.runtime._unpin(name)
+        else:
+            self.runtime.pinned_items.discard(name)
 
     def untrack_runtime(self, name: str) -> None:
         self.runtime.pop(name, None)
@@ -112,9 +111,7 @@ class IAPTServing:
             real = self.runtime_path(name, path)
         except ValueError:
             return None
-        lora_int_id = self.unregistered_ids.get(name) or next_id()
-        self.unregistered_ids[name] = lora_int_id
-        return LoRARequest(lora_name=name, lora_int_id=lora_int_id, lora_path=real)
+        return LoRARequest(lora_name=name, lora_int_id=next_id(), lora_path=real)  # new id, as the resolver gives
 
     async def validate(self, name: str, path: str) -> AdapterInfo:
         """Fully validates the adapter (off the event loop); AdapterError names it."""
