@@ -8,8 +8,4 @@ cd "$ROOT"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 # Two workers (this machine's core count), one test file per worker at a time: a
 # file's engines and servers are shared by its tests. `-n 0` runs in one process.
-# --no-loadscope-reorder: xdist would otherwise hand out files by test count, ignoring
-# the longest-first order of tests/conftest.py (LONG_FILES), and a long file with few
-# tests would start last and run alone.
-exec "${IAPT_VENV:-$ROOT/.venv}/bin/python" -m pytest -n "${IAPT_TEST_WORKERS:-2}" --dist loadfile \
-    --no-loadscope-reorder "$@"
+exec "${IAPT_VENV:-$ROOT/.venv}/bin/python" -m pytest -n "${IAPT_TEST_WORKERS:-2}" --dist loadfile "$@"
