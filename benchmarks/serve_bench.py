@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -126,28 +125,47 @@ def run_seed(base_seed: int, run: Run) -> int:
     return base_seed + 7919 * run.prompt_len + 104729 * run.concurrency + 1299709 * run.num_adapters
 
 
+def vllm_bench_serve(argv: list[str]) -> None:
+    """Runs ``vllm bench serve <argv>``: vLLM's own benchmark client, called in this
+    process (its parser and ``main``) instead of a new ``vllm`` process per run,
+    which would spend about 20 s importing vLLM each time. Raises on failure."""
+    import gc
+
+    from vllm.benchmarks.serve import add_cli_args, main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm bench serve")
+    add_cli_args(parser)
+    try:
+        bench_main(parser.parse_args(argv))
+    finally:
+        gc.unfreeze()  # vLLM's client freezes the GC heap for its run; later runs would keep it all
+
+
 def bench(server: ServerProcess, model_dir: Path, system: System, run: Run, out_dir: Path, seed: int,
           name: str | None = None) -> dict:
     name = name or f"{system.name}-p{run.prompt_len}-c{run.concurrency}-n{run.num_adapters}.json"
-    cmd = [str(Path(sys.executable).with_name("vllm")), "bench", "serve", "--backend", "vllm",
-           "--base-url", server.url, "--model", str(model_dir), "--tokenizer", str(model_dir),
-           "--dataset-name", "random", "--random-input-len", str(run.prompt_len),
-           "--random-output-len", str(run.output_len), "--random-range-ratio", str(run.range_ratio), "--ignore-eos",
-           "--num-prompts", str(run.num_prompts), "--max-concurrency", str(run.concurrency),
-           "--seed", str(run_seed(seed, run)),
-           "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
-           "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
+    argv = ["--backend", "vllm",
+            "--base-url", server.url, "--model", str(model_dir), "--tokenizer", str(model_dir),
+            "--dataset-name", "random", "--random-input-len", str(run.prompt_len),
+            "--random-output-len", str(run.output_len), "--random-range-ratio", str(run.range_ratio), "--ignore-eos",
+            "--num-prompts", str(run.num_prompts), "--max-concurrency", str(run.concurrency),
+            "--seed", str(run_seed(seed, run)),
+            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm",
+            "--save-result", "--result-dir", str(out_dir), "--result-filename", name]
     if run.num_adapters:
-        cmd += ["--lora-modules", *system.adapter_names[: run.num_adapters], "--lora-assignment", "round-robin"]
+        argv += ["--lora-modules", *system.adapter_names[: run.num_adapters], "--lora-assignment", "round-robin"]
     sampler = QueueSampler(server)
     sampler.start()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    timeline = sampler.stop()
-    if proc.returncode != 0:
-        raise RuntimeError(f"vllm bench serve failed for {name}:\n{proc.stderr[-3000:]}")
+    try:
+        vllm_bench_serve(argv)
+    except BaseException as e:  # argparse exits with SystemExit
+        raise RuntimeError(f"vllm bench serve failed for {name}: {type(e).__name__}: {e}") from e
+    finally:
+        timeline = sampler.stop()
     data = json.loads((out_dir / name).read_text())
     return {"system": system.name, **asdict(run), **{k: data.get(k) for k in METRICS},
-            "completed": data.get("completed"), "command": " ".join(cmd), "queue": timeline,
+            "completed": data.get("completed"), "command": "vllm bench serve " + " ".join(argv), "queue": timeline,
             "max_running": max((s[1] for s in timeline), default=0.0)}
 
 
