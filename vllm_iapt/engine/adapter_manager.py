@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import torch
 from vllm.utils.cache import LRUCache
@@ -50,11 +51,16 @@ DeviceAdapter = list[GeneratorWeights | None]
 
 
 class IAPTAdapterManager:
-    def __init__(self, config: IAPTEngineConfig, device: torch.device, hidden_size: int, num_hidden_layers: int) -> None:
+    def __init__(self, config: IAPTEngineConfig, device: torch.device, hidden_size: int, num_hidden_layers: int,
+                 layers: set[int] | None = None) -> None:
         self.config = config
         self.device = device
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
+        #: The decoder layers this rank runs (a pipeline-parallel stage holds a
+        #: range); only their generators go to the device. None: all of them.
+        #: Device budgets still count every layer, which over-reserves on a stage.
+        self.layers = layers
         self.snapshot_root = snapshot_root(config.snapshot_dir)
         #: content hash -> adapter in host memory, bounded in bytes (and in count, see _load_cpu)
         self._cpu: LRUCache[str, IAPTAdapter] = LRUCache(config.max_cpu_adapter_bytes,
@@ -71,6 +77,9 @@ class IAPTAdapterManager:
         #: Device bytes for adapters, weights and working memory (None: unbounded).
         self.budget: int | None = config.max_device_adapter_bytes
         self._failures: dict[str, str] = {}  # request id -> reason, until taken
+        #: Pipeline parallel: the step's adapters as (content hash, loaded here, entry,
+        #: request ids), for the stages' agreement after the forward (plan.agree_across_stages).
+        self.stage_check: list[tuple] | None = None
         #: content hash -> reason of its last failed load (cleared by a successful one)
         self.failed_hashes: LRUCache[str, str] = LRUCache(1024)
         self.num_uploads = 0  # device LRU misses, for tests and metrics
@@ -84,6 +93,10 @@ class IAPTAdapterManager:
         if not is_snapshot_path(path, self.snapshot_root) or os.path.basename(path) != content_hash:
             raise AdapterError(name, f"{path!r} is not a snapshot in this engine's snapshot directory "
                                f"{self.snapshot_root!r}")
+        if not os.path.isdir(path):
+            raise AdapterError(name, f"its snapshot {path!r} is not on {socket.gethostname()}: the front end that "
+                               "accepted the request wrote it on another node or it was deleted; with engines or "
+                               "workers on several nodes, --iapt-snapshot-dir must be storage every node shares")
         adapter = load_adapter(path, name=name, hidden_size=self.hidden_size,
                                num_hidden_layers=self.num_hidden_layers, root=self.snapshot_root)
         if adapter.content_hash != content_hash:
@@ -110,6 +123,8 @@ class IAPTAdapterManager:
         self._admit(content_hash, memory.AdapterShape.of(adapter.config), name)
         weights = [None] * self.num_hidden_layers
         for layer in adapter.config.generator_layers:
+            if self.layers is not None and layer not in self.layers:
+                continue  # another pipeline stage's layer
             # float32, as views of two buffers per layer: the soft-row op batches adapters by
             # concatenating those buffers (vllm_iapt.generator.generate_grouped)
             weights[layer] = adapter.layer_weights(layer).flattened(self.device)

@@ -107,6 +107,8 @@ def build_plan(
                                              "worker's log)"))
         manager.record_failures({r: reason for r in group_req_ids}, content_hash)
         del loaded[content_hash]
+    if _pipeline_stages() > 1:
+        manager.stage_check = [(h, h in loaded, entry[0], entry[4]) for h, entry in by_adapter.items()]
     groups = []
     for content_hash, (extra, soft, instr, lengths, group_req_ids) in by_adapter.items():
         weights = loaded.get(content_hash)
@@ -134,7 +136,8 @@ def _failed_on_another_rank(keys: list[str], loaded: dict[str, object]) -> list[
     1 alone would let rank 0 answer with rank 1's heads computed without soft rows.
     The ranks agree on one OK flag per adapter (same order everywhere: every rank
     builds its plan from the same batch) with a MIN all-reduce over the group's CPU
-    (gloo) channel, only on steps that start an IAPT prefill, so no device sync."""
+    (gloo) channel, only on steps that start an IAPT prefill, so no device sync.
+    Pipeline stages agree later, in :func:`agree_across_stages`."""
     from vllm.distributed.parallel_state import get_tp_group, model_parallel_is_initialized
 
     if not keys or not model_parallel_is_initialized() or get_tp_group().world_size == 1:
@@ -142,6 +145,36 @@ def _failed_on_another_rank(keys: list[str], loaded: dict[str, object]) -> list[
     ok = torch.tensor([k in loaded for k in keys], dtype=torch.int32)
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=get_tp_group().cpu_group)
     return [k for k, flag in zip(keys, ok.tolist()) if not flag and k in loaded]
+
+
+def _pipeline_stages() -> int:
+    from vllm.distributed.parallel_state import get_pp_group, model_parallel_is_initialized
+
+    return get_pp_group().world_size if model_parallel_is_initialized() else 1
+
+
+def agree_across_stages(manager: IAPTAdapterManager) -> None:
+    """After the step's forward (from ``sample_tokens``): the pipeline stages agree
+    on which of the step's adapters loaded, and the requests of an adapter that
+    failed on any stage fail here too, so the last stage (whose output reaches the
+    scheduler) reports them and nothing is answered with a stage's layers computed
+    without their soft rows.
+
+    Not in :func:`build_plan`: a later stage receives the previous stage's
+    activations before it prepares its inputs, so an all-reduce there would wait for
+    a stage that waits for it. Here every stage has sent its activations."""
+    pending, manager.stage_check = manager.stage_check, None
+    if not pending:
+        return
+    from vllm.distributed.parallel_state import get_pp_group
+
+    ok = torch.tensor([here for _, here, _, _ in pending], dtype=torch.int32)
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=get_pp_group().cpu_group)
+    for (content_hash, here, extra, req_ids), flag in zip(pending, ok.tolist()):
+        if here and not flag:
+            reason = _reason(extra, RuntimeError("it could not be loaded on another pipeline stage (see that "
+                                                 "worker's log)"))
+            manager.record_failures({r: reason for r in req_ids}, content_hash)
 
 
 def _reason(extra: IAPTEntry, error: Exception) -> str:

@@ -145,6 +145,18 @@ def v2_runner_blockers(vllm_config: "VllmConfig") -> list[str]:
     return [V2_RUNNER_FEATURE] if enabled else []
 
 
+def spans_nodes(parallel: Any) -> bool:
+    """Whether this engine's requests may be computed on another node: workers on
+    several nodes (``nnodes``, or Ray), or DP engines on other nodes that this front
+    end balances over (internal load balancing; external and hybrid modes keep each
+    node's requests on that node's engines)."""
+    remote_dp = (parallel.data_parallel_size_local < parallel.data_parallel_size
+                 and not parallel.data_parallel_external_lb and not parallel.data_parallel_hybrid_lb)
+    # Ray places workers and DP engines on any node of its cluster (nnodes stays 1).
+    ray = "ray" in (str(parallel.distributed_executor_backend), str(parallel.data_parallel_backend))
+    return parallel.nnodes > 1 or remote_dp or ray
+
+
 def check_and_adjust(vllm_config: "VllmConfig", cfg: IAPTEngineConfig) -> None:
     """Refuses what IAPT cannot honour in a built config, and adds the soft-row op
     to the graph-splitting ops. Idempotent; raises a ValueError that names the
@@ -156,8 +168,14 @@ def check_and_adjust(vllm_config: "VllmConfig", cfg: IAPTEngineConfig) -> None:
     _check_patches()
     from vllm_iapt.engine.snapshots import snapshot_root
 
-    snapshot_root(cfg.snapshot_dir, create=True)  # private to this user, or start-up is refused
     model, sched, parallel = vllm_config.model_config, vllm_config.scheduler_config, vllm_config.parallel_config
+    if spans_nodes(parallel) and cfg.snapshot_dir is None:
+        raise ValueError(
+            "this layout may run engines or workers on other nodes (--nnodes > 1, Ray, or --data-parallel-size-local "
+            "below --data-parallel-size behind this API server), which read each adapter from the snapshot directory; "
+            "the default one is this node's temporary directory. Set --iapt-snapshot-dir (additional_config "
+            "['iapt']['snapshot_dir']) to the same directory on storage every node shares, on every node")
+    snapshot_root(cfg.snapshot_dir, create=True)  # private to this user, or start-up is refused
     checked_architecture(getattr(model.hf_config, "architectures", None))
     if vllm_config.use_v2_model_runner:
         raise ValueError(
@@ -175,12 +193,13 @@ def check_and_adjust(vllm_config: "VllmConfig", cfg: IAPTEngineConfig) -> None:
     if parallel.use_ubatching:
         raise ValueError("dual-batch overlap / micro-batching (enable_dbo, ubatch_size) splits a step's rows "
                          "across forward passes, which IAPT's per-step plan does not follow; turn it off")
-    if parallel.pipeline_parallel_size > 1:
-        raise ValueError("pipeline parallelism is not supported with IAPT yet (not checked; see docs/engine.md); "
-                         "use tensor parallelism")
-    if parallel.data_parallel_size > 1:
-        raise ValueError("data parallelism is not supported with IAPT yet (not checked; see docs/engine.md); "
-                         "run one server per replica")
+    if parallel.data_parallel_size > 1 and model.is_moe:
+        # vLLM runs the DP ranks of a mixture-of-experts model in lockstep (dummy
+        # batches, expert parallelism across ranks); only independent DP ranks of
+        # dense models are checked (docs/scaling.md).
+        raise ValueError("data parallelism with a mixture-of-experts model is not supported with IAPT (its DP "
+                         "ranks step in lockstep with expert parallelism, which is not checked); use tensor "
+                         "parallelism, or one server per replica")
     if vllm_config.speculative_config is not None:
         raise ValueError("speculative decoding is not supported with IAPT (draft models have no soft tokens)")
     if vllm_config.lora_config is not None:

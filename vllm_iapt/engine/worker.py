@@ -25,7 +25,7 @@ from vllm_iapt.architectures import checked_architecture
 from vllm_iapt.config import IAPTEngineConfig
 from vllm_iapt.engine import failures, layers, support
 from vllm_iapt.engine.adapter_manager import IAPTAdapterManager
-from vllm_iapt.engine.plan import StepPlan, build_plan, publish
+from vllm_iapt.engine.plan import StepPlan, agree_across_stages, build_plan, publish
 from vllm_iapt.engine.request_entry import soft_token_count
 
 logger = logging.getLogger("vllm.iapt")
@@ -70,10 +70,11 @@ class IAPTWorkerState:
         architecture = checked_architecture(getattr(model_config.hf_config, "architectures", None))
         model = runner.get_model()
         count = layers.install(model, architecture)
-        if count == 0 or len(layers.installed_layers(model, architecture)) != count:
+        held = layers.installed_layers(model, architecture)
+        if count == 0 or len(held) != count:
             raise RuntimeError(f"IAPT: found no decoder layers to add the soft-row write to in {type(model).__name__}")
         text = model_config.hf_text_config
-        manager = IAPTAdapterManager(cfg, runner.device, text.hidden_size, text.num_hidden_layers)
+        manager = IAPTAdapterManager(cfg, runner.device, text.hidden_size, text.num_hidden_layers, set(held))
         runner.iapt = state = cls(cfg, manager, architecture, count)
         logger.info("IAPT: soft-row op in %d decoder layers of %s (%s); model runner %s; compilation mode %s, "
                     "cudagraph mode %s", count, type(model).__name__, architecture, type(runner).__name__,
@@ -107,6 +108,7 @@ class IAPTWorkerState:
     def report_failures(self, result: Any) -> Any:
         """After sampling: the requests whose adapter failed this step ride on the
         step's output to the scheduler (:mod:`vllm_iapt.engine.failures`)."""
+        agree_across_stages(self.manager)
         if not self.manager.has_failures():
             return result
         taken = self.manager.take_failures()

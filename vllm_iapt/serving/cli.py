@@ -105,3 +105,18 @@ def fold_into_engine_args(args: argparse.Namespace, engine_args: Any) -> None:
         existing = list(args.lora_modules or [])
         names = {m.name for m in existing}
         args.lora_modules = existing + [m for m in modules if m.name not in names]
+
+
+def settle_api_server_count(args: argparse.Namespace) -> None:
+    """One API server by default when adapters can be loaded at run time. vLLM
+    refuses ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` with several API servers (a load
+    would reach only the server that took it; IAPT's run-time registry lives there
+    too), yet defaults to one API server per engine under ``--data-parallel-size N``,
+    so data parallelism with run-time loading would not start. Unset, the count is 1
+    (every data-parallel engine serves behind it); an explicit count is vLLM's to judge."""
+    from vllm import envs
+
+    enabled = bool(getattr(args, "enable_iapt", False)) or "iapt" in (getattr(args, "additional_config", None) or {})
+    if (enabled and envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING and not getattr(args, "headless", False)
+            and getattr(args, "api_server_count", None) is None):
+        args.api_server_count = 1

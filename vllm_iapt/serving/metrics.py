@@ -1,7 +1,14 @@
-"""Per-adapter request counts in the server's Prometheus ``/metrics``.
+"""IAPT adapters in the server's Prometheus ``/metrics``.
 
-vLLM's LoRA metrics (``vllm:lora_requests_info``) come from the scheduler's LoRA
-bookkeeping, which is off under IAPT, so the API server counts requests itself:
+``vllm:lora_requests_info``, the gauge adapter-aware routers read (llm-d's inference
+extension, production-stack, ...), lists IAPT adapters like LoRA adapters: its
+labels ``running_lora_adapters`` / ``waiting_lora_adapters`` name the adapters of
+running and waiting requests (the front end's ``LoRARequestStates`` tracks every
+request with a ``LoRARequest``, which IAPT requests carry), ``max_lora`` is IAPT's
+device slots (``max_adapters``). vLLM creates the gauge only with vLLM LoRA on, so
+:func:`add_adapter_info_gauge` creates it under IAPT (``patches/metrics.py``).
+
+The API server also counts requests per adapter:
 ``vllm_iapt:requests_total{model_name=<base model>, adapter=<adapter>}``, where
 base-model requests carry the base model's name as ``adapter`` (an adapter can
 never have a served base model's name). Counted when the request enters the
@@ -45,3 +52,22 @@ def exclude_soft_slots(prefill_stats, m: int) -> None:
     else:
         s.num_computed_tokens = max(0, s.num_computed_tokens - m)
         s.num_cache_creation_tokens = max(0, s.num_cache_creation_tokens - m)
+
+
+def add_adapter_info_gauge(stat_logger, max_adapters: int) -> None:
+    """Creates ``vllm:lora_requests_info`` on a ``PrometheusStatLogger`` built without
+    vLLM LoRA, exactly as vLLM does with LoRA on (the same name, labels and
+    multiprocess mode; vLLM's ``record`` then fills it every step)."""
+    if getattr(stat_logger, "gauge_lora_info", None) is not None:
+        return
+    stat_logger.labelname_max_lora = "max_lora"
+    stat_logger.labelname_waiting_lora_adapters = "waiting_lora_adapters"
+    stat_logger.labelname_running_lora_adapters = "running_lora_adapters"
+    stat_logger.max_lora = max_adapters
+    stat_logger.gauge_lora_info = stat_logger._gauge_cls(
+        name="vllm:lora_requests_info",
+        documentation="Running stats on lora requests.",
+        multiprocess_mode="sum",
+        labelnames=[stat_logger.labelname_max_lora, stat_logger.labelname_waiting_lora_adapters,
+                    stat_logger.labelname_running_lora_adapters],
+    )
