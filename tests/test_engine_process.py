@@ -149,16 +149,21 @@ def test_unchecked_vllm_version_is_refused(tiny_model_dir, monkeypatch):
     support.prepare_engine_args(EngineArgs(model=str(tiny_model_dir)), IAPTEngineConfig(allow_unchecked_vllm=True))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"pipeline_parallel_size": 2}, "pipeline parallelism is not supported with IAPT"),
-    ({"data_parallel_size": 2}, "data parallelism is not supported with IAPT"),
-])
-def test_unchecked_parallelism_is_refused(tiny_model_dir, kwargs, match):
+@pytest.mark.parametrize("kwargs", [
+    {"data_parallel_size": 2, "data_parallel_size_local": 1},  # DP engines on another node behind this front end
+    {"tensor_parallel_size": 2, "nnodes": 2},  # workers on two nodes
+], ids=["dp-across-nodes", "tp-across-nodes"])
+def test_layouts_across_nodes_need_a_shared_snapshot_directory(tiny_model_dir, tmp_path, kwargs):
+    """Engines or workers on other nodes read adapters from the snapshot directory,
+    whose default is each node's own /tmp: refused until one is set (docs/scaling.md)."""
     from vllm.engine.arg_utils import EngineArgs
 
-    with pytest.raises(ValueError, match=match):
-        EngineArgs(model=str(tiny_model_dir), dtype="float32", max_model_len=512, additional_config={"iapt": {}},
-                   **kwargs).create_engine_config()
+    common = {"model": str(tiny_model_dir), "dtype": "float32", "max_model_len": 512, **kwargs}
+    with pytest.raises(ValueError, match="Set --iapt-snapshot-dir"):
+        EngineArgs(**common, additional_config={"iapt": {}}).create_engine_config()
+    shared = {"iapt": {"snapshot_dir": str(tmp_path / "shared")}}
+    config = EngineArgs(**common, additional_config=shared).create_engine_config()
+    assert config.parallel_config.world_size_across_dp >= 2
 
 
 def test_unchecked_architecture_is_refused(tmp_path, tiny_model_dir):
