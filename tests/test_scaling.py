@@ -11,8 +11,11 @@ compared token for token with the reference model.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -235,8 +238,8 @@ def test_two_nodes_need_a_shared_snapshot_directory(tiny_model_dir, adapter_fact
     sort = adapter_factory("node-sort", num_soft_tokens=4, seed=111)
     rev = adapter_factory("node-rev", num_soft_tokens=2, activation="gelu", seed=112)
     iapt = ["--enable-iapt", "--iapt-modules", f"sort={sort}", f"rev={rev}"]
-    node_tmp = tmp_path / "node1-tmp"
-    node_tmp.mkdir()
+    # Short: vLLM puts ZMQ IPC sockets in TMPDIR, whose paths may not exceed 107 bytes.
+    node_tmp = Path(tempfile.mkdtemp(prefix="iapt-node1-"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": bind(1)}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 
@@ -255,9 +258,11 @@ def test_two_nodes_need_a_shared_snapshot_directory(tiny_model_dir, adapter_fact
     with open(node1_log, "wb") as log:
         node1 = subprocess.Popen(other, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**env, "TMPDIR": str(node_tmp)})
+    head = ServerProcess(lambda port: two_node_commands(tiny_model_dir, port, rpc_port, extra)[0],
+                         tmp_path / "node0.log", {"VLLM_CPU_OMP_THREADS_BIND": bind(1)}, timeout=600)
+    stop_head_if_node1_dies(node1, head, node1_log)
     try:
-        with ServerProcess(lambda port: two_node_commands(tiny_model_dir, port, rpc_port, extra)[0],
-                           tmp_path / "node0.log", {"VLLM_CPU_OMP_THREADS_BIND": bind(1)}, timeout=600) as srv:
+        with head as srv:
             paths = {BASE: None, "sort": str(sort), "rev": str(rev)}
             for round_ in range(3):
                 before = successes_by_engine(srv.url)
@@ -277,3 +282,16 @@ def test_two_nodes_need_a_shared_snapshot_directory(tiny_model_dir, adapter_fact
             os.killpg(node1.pid, 9)
             node1.wait()
     assert not any(node_tmp.glob("vllm-iapt-snapshots-*")), "the second node wrote snapshots to its own /tmp"
+    shutil.rmtree(node_tmp, ignore_errors=True)
+
+
+def stop_head_if_node1_dies(node1: subprocess.Popen, head: ServerProcess, log: Path) -> None:
+    """The head node waits for the second node's engine without end: if that node
+    exits, stop the head, so that the test fails at once with both logs."""
+    def watch():
+        node1.wait()
+        if head.proc is not None and head.proc.poll() is None:
+            print(f"second node exited with {node1.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+            os.killpg(head.proc.pid, 15)
+
+    threading.Thread(target=watch, daemon=True).start()
