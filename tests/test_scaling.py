@@ -102,10 +102,11 @@ def adapter_jobs(models: list[str], count: int, seed: int) -> list[tuple[str, li
 
 def test_data_parallel_serves_every_adapter_from_every_engine(tiny_model_dir, adapter_factory, tmp_path, reference):
     """`--data-parallel-size 2` with run-time loading: one API server (vLLM would
-    default to two and then refuse run-time loading), and start-up, run-time loaded and
-    resolver-found adapters are each answered by both engines, exactly; an unload
-    reaches every engine (the name is gone); routers see the adapters in
-    `vllm:lora_requests_info`."""
+    default to two and then refuse run-time loading); start-up, run-time loaded and
+    resolver-found adapters are answered exactly, with both engines answering adapter
+    requests (vLLM's per-engine success counts); the same prompt for every tenant
+    stays apart in each engine's prefix cache; an unload reaches every engine (the
+    name is gone); routers see the adapters in `vllm:lora_requests_info`."""
     sort = adapter_factory("dp-sort", num_soft_tokens=4, seed=91)
     root = tmp_path / "adapters"
     random_adapter(root / "late", hidden_size=128, num_hidden_layers=2, num_soft_tokens=3, seed=92)
