@@ -159,7 +159,7 @@ def bench(server: ServerProcess, model_dir: Path, system: System, run: Run, out_
     sampler.start()
     try:
         vllm_bench_serve(argv)
-    except BaseException as e:  # argparse exits with SystemExit
+    except (Exception, SystemExit) as e:  # argparse exits with SystemExit
         raise RuntimeError(f"vllm bench serve failed for {name}: {type(e).__name__}: {e}") from e
     finally:
         timeline = sampler.stop()

@@ -50,13 +50,15 @@ ENGINE_FIXTURES = {"llm", "compiled_llm", "family_runs"}
 SERVER_FIXTURES = {"server"}
 
 
-#: Seconds each long file took on one of two busy cores (``scripts/test.sh
-#: --durations=60``, 2026-12-06); the others take under 40 s. The scheduler below
-#: starts the longest files first, which keeps the run's tail short.
-FILE_SECONDS = {"test_scaling.py": 400, "test_benchmarks_smollm2.py": 150, "test_benchmarks_onednn.py": 150, "test_engine_process.py": 280,
-                "test_benchmarks.py": 160, "test_server.py": 210, "test_demo.py": 195, "test_soak.py": 175,
-                "test_smollm2.py": 165, "test_server_faults.py": 160, "test_patch_groups.py": 65,
-                "test_families.py": 55, "test_integrity.py": 55, "test_bf16.py": 40}
+#: Seconds each long file took from its first test's start to its last test's end in a
+#: full ``scripts/test.sh`` run (2 workers, compile caches emptied first, 2026-12-06);
+#: the others take under 30 s. The scheduler below starts the longest files first,
+#: which keeps the run's tail short.
+FILE_SECONDS = {"test_scaling.py": 320, "test_engine_process.py": 290, "test_demo.py": 170,
+                "test_benchmarks.py": 110, "test_benchmarks_onednn.py": 110, "test_server_faults.py": 105,
+                "test_soak.py": 100, "test_smollm2.py": 90, "test_benchmarks_smollm2.py": 75, "test_server.py": 70,
+                "test_patch_groups.py": 40, "test_families.py": 35, "test_integrity.py": 35, "test_compile.py": 30,
+                "test_bf16.py": 30}
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -230,7 +230,16 @@ def two_node_commands(model_dir, port: int, rpc_port: int, extra: list[str]) -> 
     return head, other
 
 
-def test_two_nodes_need_a_shared_snapshot_directory(tiny_model_dir, adapter_factory, tmp_path, reference):
+@pytest.fixture
+def node_tmp():
+    """The second node's TMPDIR, short: vLLM puts ZMQ IPC sockets there, whose paths
+    may not exceed 107 bytes (under pytest's basetemp the second node died)."""
+    path = Path(tempfile.mkdtemp(prefix="iapt-node1-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_two_nodes_need_a_shared_snapshot_directory(tiny_model_dir, adapter_factory, tmp_path, reference, node_tmp):
     """Data parallel across two "nodes": the second node (`--headless`, its own TMPDIR)
     computes requests the first node's API server accepted. With the default snapshot
     directory (each node's own /tmp) both nodes refuse to start and say what to set;
@@ -239,8 +248,6 @@ def test_two_nodes_need_a_shared_snapshot_directory(tiny_model_dir, adapter_fact
     sort = adapter_factory("node-sort", num_soft_tokens=4, seed=111)
     rev = adapter_factory("node-rev", num_soft_tokens=2, activation="gelu", seed=112)
     iapt = ["--enable-iapt", "--iapt-modules", f"sort={sort}", f"rev={rev}"]
-    # Short: vLLM puts ZMQ IPC sockets in TMPDIR, whose paths may not exceed 107 bytes.
-    node_tmp = Path(tempfile.mkdtemp(prefix="iapt-node1-"))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": bind(1)}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
 
@@ -283,7 +290,6 @@ def test_two_nodes_need_a_shared_snapshot_directory(tiny_model_dir, adapter_fact
             os.killpg(node1.pid, 9)
             node1.wait()
     assert not any(node_tmp.glob("vllm-iapt-snapshots-*")), "the second node wrote snapshots to its own /tmp"
-    shutil.rmtree(node_tmp, ignore_errors=True)
 
 
 def stop_head_if_node1_dies(node1: subprocess.Popen, head: ServerProcess, log: Path) -> None:

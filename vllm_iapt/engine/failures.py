@@ -135,6 +135,6 @@ class FailureReasons:
         found = self._reasons.get(request_id)
         if found is None:
             prefix = request_id + "-"
-            view = self._reasons.cache  # a copy in LRU order: reading it does not reorder the cache
+            view = self._reasons.cache  # a read-only view in LRU order: reading it does not reorder the cache
             found = next((view[k] for k in reversed(list(view)) if k.startswith(prefix)), None)
         return found

@@ -70,6 +70,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                     f"additional_config['iapt']['{name}']; engine default {field.default}.")
 
 
+def iapt_enabled(args: argparse.Namespace, additional_config: dict) -> bool:
+    """``--enable-iapt``, or an ``iapt`` key in ``--additional-config``."""
+    return bool(getattr(args, "enable_iapt", False)) or "iapt" in additional_config
+
+
 def fold_into_engine_args(args: argparse.Namespace, engine_args: Any) -> None:
     """Moves the ``--iapt-*`` flags into ``engine_args.additional_config["iapt"]``
     and ``args.lora_modules``. Raises a ValueError for flags given without IAPT.
@@ -79,8 +84,7 @@ def fold_into_engine_args(args: argparse.Namespace, engine_args: Any) -> None:
     modules = getattr(args, "iapt_modules", None) or []
     adapter_dir = getattr(args, "iapt_adapter_dir", None)
     additional = dict(engine_args.additional_config or {})
-    enabled = bool(getattr(args, "enable_iapt", False)) or "iapt" in additional
-    if not enabled:
+    if not iapt_enabled(args, additional):
         given = [option_flag(k) for k in options] + (["--iapt-modules"] if modules else []) + (
             ["--iapt-adapter-dir"] if adapter_dir else [])
         if given:
@@ -116,7 +120,7 @@ def settle_api_server_count(args: argparse.Namespace) -> None:
     (every data-parallel engine serves behind it); an explicit count is vLLM's to judge."""
     from vllm import envs
 
-    enabled = bool(getattr(args, "enable_iapt", False)) or "iapt" in (getattr(args, "additional_config", None) or {})
+    enabled = iapt_enabled(args, getattr(args, "additional_config", None) or {})
     if (enabled and envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING and not getattr(args, "headless", False)
             and getattr(args, "api_server_count", None) is None):
         args.api_server_count = 1
