@@ -69,8 +69,11 @@ def apply() -> None:
             return original(self, request_id, prompt, params, *args, lora_request=lora_request, **kwargs)
         prompt, info = state.with_soft_slots(prompt, params, lora_request,
                                              resumable=bool(_argument(original, "resumable", args, kwargs)))
-        request = original(self, request_id, prompt, params, *args, lora_request=None, **kwargs)
-        return state.tag(request, lora_request, info)
+        try:  # the snapshot stays held until the tagged request holds it
+            request = original(self, request_id, prompt, params, *args, lora_request=None, **kwargs)
+            return state.tag(request, lora_request, info)
+        finally:
+            state.catalog.store.release(info.snapshot)
 
     InputProcessor.iapt = None  # the front end's IAPTFrontend (also for processors built before this patch)
     InputProcessor.__init__ = __init__

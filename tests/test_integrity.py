@@ -18,6 +18,7 @@ import pytest
 from conftest import random_ids
 from vllm_iapt.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, load_adapter, read_adapter
 from vllm_iapt.config import IAPTEngineConfig
+from vllm_iapt.engine.snapshots import MIN_IDLE_SECONDS
 from vllm_iapt.toy import random_adapter
 
 HARNESS = Path(__file__).with_name("engine_harness.py")
@@ -108,21 +109,43 @@ def test_snapshot_is_content_addressed_and_reused(adapter, tmp_path):
 
 
 def test_snapshot_directory_is_bounded(tmp_path):
+    """Room is made from snapshots nobody needs: never those of requests in flight here
+    or being accepted (held), nor one another server sharing the directory used within
+    MIN_IDLE_SECONDS; an idle one of this process goes at once, however recent."""
+    from vllm_iapt.engine.snapshots import SnapshotStore
+
     store = _store(tmp_path)
+    other = SnapshotStore(store.root, store.max_bytes)  # a second server sharing the directory
     adapters = []
-    for i in range(3):
+    for i in range(4):
         random_adapter(tmp_path / f"s{i}", seed=30 + i, **KW)
         adapters.append(read_adapter(tmp_path / f"s{i}"))
     one = len(adapters[0][1]) + 400
     store.max_bytes = 2 * one
     p0, p1 = store.put(*adapters[0]), store.put(*adapters[1])
-    with pytest.raises(AdapterError, match="snapshot directory is full"):  # both used recently
+    in_flight = {p0, p1}
+    store.in_use = lambda: set(in_flight)
+    with pytest.raises(AdapterError, match="snapshot directory is full.*requests in flight"):
         store.put(*adapters[2])
-    old = time.time() - 3600
-    os.utime(p0, (old, old))  # p0 idle for an hour: it makes room
-    p2 = store.put(*adapters[2])
+    in_flight.discard(p0)
+    assert store.use_if_intact(p0, store.stamp(p0), hold=True)  # a request being accepted with p0
+    with pytest.raises(AdapterError, match="snapshot directory is full"):
+        store.put(*adapters[2])
+    store.release(p0)
+    p2 = store.put(*adapters[2])  # p0, idle now, goes at once
     assert not os.path.exists(p0) and os.path.exists(p1) and os.path.exists(p2)
+    assert not store.use_if_intact(p0, (1, 2, 3))  # a caller that saw p0 intact earlier writes it again
     assert store.total_bytes() <= store.max_bytes
+    other.touch(p2)  # another server accepted a request with p2: only time frees it
+    in_flight.clear()
+    p3 = store.put(*adapters[3])  # p1 (idle, last used here) makes room; p2 stays
+    assert not os.path.exists(p1) and os.path.exists(p2) and os.path.exists(p3)
+    in_flight.add(p3)
+    with pytest.raises(AdapterError, match="snapshot directory is full"):
+        store.put(*adapters[0])  # p3 is in flight here, p2 was used by the other server
+    old = time.time() - MIN_IDLE_SECONDS - 1
+    os.utime(p2, (old, old))  # the other server has not used p2 for MIN_IDLE_SECONDS
+    assert store.put(*adapters[0]) == p0 and not os.path.exists(p2) and os.path.exists(p3)
 
 
 def test_snapshot_directory_must_be_private(tmp_path):
@@ -176,7 +199,8 @@ def test_worker_loads_only_snapshots_and_bounds_cpu_bytes(tmp_path):
         random_adapter(tmp_path / f"w{i}", seed=40 + i, **KW)
         a, raw = read_adapter(tmp_path / f"w{i}")
         snaps.append((a, store.put(a, raw)))
-    size = snaps[0][0].num_bytes()
+    probe = IAPTAdapterManager(IAPTEngineConfig(snapshot_dir=str(tmp_path / "snaps")), torch.device("cpu"), 128, 2)
+    size = probe._load_cpu(snaps[0][0].content_hash, "w0", snaps[0][1]).nbytes()  # packed float32, as kept
     cfg = IAPTEngineConfig(max_adapters=1, max_cpu_adapters=8, max_cpu_adapter_bytes=2 * size,
                            snapshot_dir=str(tmp_path / "snaps"))
     manager = IAPTAdapterManager(cfg, torch.device("cpu"), 128, 2)

@@ -107,13 +107,14 @@ class IAPTEngineConfig(BaseModel):
         description="adapters whose generator weights stay resident on the device (LRU). A prefill step "
         "that needs more distinct adapters loads the extra ones for that step only. Decoding needs no "
         "adapter weights, so this never limits how many adapters decode together.")
-    max_cpu_adapters: int = Field(
-        32, ge=1,
-        description="validated adapters kept in CPU memory (LRU), so a device miss does not read the disk")
+    max_cpu_adapters: int | None = Field(
+        None, ge=1,
+        description="validated adapters kept in CPU memory (LRU), so a device miss does not read the disk; "
+        "default: as many as max_cpu_adapter_bytes holds")
     max_cpu_adapter_bytes: int = Field(
-        1 << 30, ge=1,
-        description="bytes of adapter weights kept in CPU memory by each worker (LRU, on top of the "
-        "max_cpu_adapters count); an adapter larger than this is used for its step and not kept")
+        4 << 30, ge=1,
+        description="bytes of adapter weights kept in CPU memory by each worker (LRU; float32, this rank's "
+        "layers); an adapter larger than this is used for its step and not kept")
     max_device_adapter_bytes: int | None = Field(
         None, ge=1,
         description="device memory per worker for IAPT adapters, taken from the KV cache at start-up: the float32 "
@@ -123,7 +124,7 @@ class IAPTEngineConfig(BaseModel):
         "adapters a step does not use are evicted to make room; a step whose adapters still do not fit runs over "
         "the reservation (logged); an adapter that does not fit alone is refused")
     max_runtime_adapters: int = Field(
-        64, ge=0,
+        4096, ge=0,
         description="adapters registered at run time (/v1/load_lora_adapter or the resolver) per API "
         "server, start-up adapters not counted. Past it, the least recently used resolver-loaded adapter is "
         "unregistered (the resolver loads it again on its next request); if there is none, the load is "
@@ -143,7 +144,7 @@ class IAPTEngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "IAPTEngineConfig":
-        if self.max_cpu_adapters < self.max_adapters:
+        if self.max_cpu_adapters is not None and self.max_cpu_adapters < self.max_adapters:
             raise ValueError(f"max_cpu_adapters ({self.max_cpu_adapters}) must be >= max_adapters ({self.max_adapters})")
         return self
 

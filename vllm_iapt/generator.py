@@ -130,16 +130,7 @@ class GeneratorWeights:
         (see ``up_rows`` and ``flat``; two uploads); what the engine keeps resident."""
         down, up_rows, up_bias, flat = _batch_parts(self)
         rows = torch.cat([down, up_rows, up_bias.unsqueeze(0)]).to(device)
-        flat = flat.to(device)
-        r, m = self.bottleneck_dim, self.num_soft_tokens
-        p, q = self.signature()[2:4]
-        o = r + m * r
-        return GeneratorWeights(
-            rows[:r], flat[:r], flat[r:o].view(m, r), rows[r:2 * r].T, rows[2 * r], self.activation,
-            flat[o:o + p] if self.numerator is not None else None,
-            flat[o + p:o + p + q] if self.denominator is not None else None,
-            up_rows=rows[r:2 * r], flat=flat,
-        )
+        return _flattened_views(rows, flat.to(device), *self.signature())
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "GeneratorWeights":
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -149,6 +140,74 @@ class GeneratorWeights:
             mv(self.down_weight), mv(self.down_bias), mv(self.query), mv(self.up_weight),
             mv(self.up_bias), self.activation, mv(self.numerator), mv(self.denominator),
         )
+
+
+#: Each part of a :class:`PackedGenerators` buffer starts on a multiple of this many
+#: float32 elements (64 bytes), so every view is as aligned as a buffer of its own.
+_PACK_ALIGN = 16
+
+
+@dataclass(frozen=True)
+class PackedGenerators:
+    """All of one adapter's generators in one float32 buffer, each laid out as
+    :meth:`GeneratorWeights.flattened` lays it out, so that moving an adapter to the
+    device is one copy (asynchronous from pinned host memory) and a device that is
+    the host (CPU) takes the buffer as it is, with no copy at all.
+
+    ``layout`` holds per layer ``(layer, rows offset, flat offset, r, m, p, q,
+    activation)``; :meth:`unpack` gives the layers' weights as views of ``buffer``.
+    """
+
+    buffer: torch.Tensor  # 1-D float32
+    hidden_size: int
+    layout: tuple[tuple[int, int, int, int, int, int, int, str], ...]
+
+    @classmethod
+    def pack(cls, layers: dict[int, GeneratorWeights], hidden_size: int, pin: bool = False) -> "PackedGenerators":
+        def aligned(n: int) -> int:
+            return -(-n // _PACK_ALIGN) * _PACK_ALIGN
+
+        layout, offset = [], 0
+        for layer, w in sorted(layers.items()):
+            r, m, p, q, act = w.signature()
+            rows_at, flat_at = offset, offset + aligned((2 * r + 1) * hidden_size)
+            offset = flat_at + aligned(r + m * r + p + q)
+            layout.append((layer, rows_at, flat_at, r, m, p, q, act))
+        buffer = torch.zeros(offset, dtype=torch.float32, pin_memory=pin)
+        for (layer, rows_at, flat_at, r, *_), w in zip(layout, (layers[k] for k in sorted(layers))):
+            down, up_rows, up_bias, flat = _batch_parts(w)
+            rows = buffer[rows_at:rows_at + (2 * r + 1) * hidden_size].view(2 * r + 1, hidden_size)
+            rows[:r], rows[r:2 * r], rows[2 * r] = down, up_rows, up_bias
+            buffer[flat_at:flat_at + flat.numel()] = flat
+        return cls(buffer, hidden_size, tuple(layout))
+
+    def nbytes(self) -> int:
+        return self.buffer.numel() * 4
+
+    def to(self, device: torch.device | str) -> "PackedGenerators":
+        """On ``device``: one copy, none if the buffer is there already."""
+        return PackedGenerators(self.buffer.to(device, non_blocking=True), self.hidden_size, self.layout)
+
+    def unpack(self) -> dict[int, GeneratorWeights]:
+        """Every layer's generator, as :meth:`GeneratorWeights.flattened` views of the buffer."""
+        d, out = self.hidden_size, {}
+        for layer, rows_at, flat_at, r, m, p, q, act in self.layout:
+            rows = self.buffer[rows_at:rows_at + (2 * r + 1) * d].view(2 * r + 1, d)
+            flat = self.buffer[flat_at:flat_at + r + m * r + p + q]
+            out[layer] = _flattened_views(rows, flat, r, m, p, q, act)
+        return out
+
+
+def _flattened_views(rows: torch.Tensor, flat: torch.Tensor, r: int, m: int, p: int, q: int,
+                     activation: str) -> GeneratorWeights:
+    """A generator over ``rows = [W_down; W_up^T; b_up]`` and ``flat = [b_down, Q,
+    numerator, denominator]`` (``p``/``q`` 0: no such coefficients)."""
+    o = r + m * r
+    return GeneratorWeights(
+        rows[:r], flat[:r], flat[r:o].view(m, r), rows[r:2 * r].T, rows[2 * r], activation,
+        flat[o:o + p] if p else None, flat[o + p:o + p + q] if q else None,
+        up_rows=rows[r:2 * r], flat=flat,
+    )
 
 
 def _project_out(w: GeneratorWeights, pooled: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,10 @@ They are loaded only from the front end's content-addressed snapshots
 content hash is checked again. Only prefill steps ask for weights; decoding never
 touches this manager.
 
-The CPU cache is bounded in count (``max_cpu_adapters``) and in bytes
-(``max_cpu_adapter_bytes``). The device cache is bounded in count
+The CPU cache keeps each adapter as this rank's generators packed in one float32
+buffer (:class:`~vllm_iapt.generator.PackedGenerators`, pinned on a GPU), so a device
+miss is one asynchronous copy, and none on a CPU device. It is bounded in bytes
+(``max_cpu_adapter_bytes``) and, if set, in count (``max_cpu_adapters``). The device cache is bounded in count
 (``max_adapters``, trimmed after each step) and in bytes: the device memory IAPT
 reserved from the KV cache (:mod:`vllm_iapt.engine.memory`, set by
 ``patches/worker_memory.py`` through :meth:`configure_memory`). An adapter enters a
@@ -34,12 +36,15 @@ import socket
 
 import torch
 from vllm.utils.cache import LRUCache
+from vllm.utils.platform_utils import is_pin_memory_available
 
-from vllm_iapt.adapter import AdapterError, IAPTAdapter, load_adapter
+from dataclasses import dataclass
+
+from vllm_iapt.adapter import AdapterError, load_adapter
 from vllm_iapt.config import IAPTEngineConfig
 from vllm_iapt.engine import memory
 from vllm_iapt.engine.snapshots import is_snapshot_path, snapshot_root
-from vllm_iapt.generator import GeneratorWeights
+from vllm_iapt.generator import GeneratorWeights, PackedGenerators
 
 logger = logging.getLogger("vllm.iapt")
 
@@ -48,6 +53,18 @@ _FLAG = "--iapt-max-device-adapter-bytes"
 
 #: Per layer: the generator's weights on the device, or None if the layer has none.
 DeviceAdapter = list[GeneratorWeights | None]
+
+
+@dataclass(frozen=True)
+class HostAdapter:
+    """A validated adapter in host memory, ready to upload: this rank's generators
+    packed in one float32 buffer (pinned when the device is a GPU)."""
+
+    shape: memory.AdapterShape
+    packed: PackedGenerators
+
+    def nbytes(self) -> int:
+        return self.packed.nbytes()
 
 
 class IAPTAdapterManager:
@@ -62,9 +79,11 @@ class IAPTAdapterManager:
         #: Device budgets still count every layer, which over-reserves on a stage.
         self.layers = layers
         self.snapshot_root = snapshot_root(config.snapshot_dir)
-        #: content hash -> adapter in host memory, bounded in bytes (and in count, see _load_cpu)
-        self._cpu: LRUCache[str, IAPTAdapter] = LRUCache(config.max_cpu_adapter_bytes,
-                                                          getsizeof=lambda adapter: adapter.num_bytes())
+        #: content hash -> adapter in host memory, bounded in bytes (and in count if
+        #: max_cpu_adapters is set, see _load_cpu)
+        self._cpu: LRUCache[str, HostAdapter] = LRUCache(config.max_cpu_adapter_bytes,
+                                                         getsizeof=lambda adapter: adapter.nbytes())
+        self._pin = device.type == "cuda" and is_pin_memory_available()
         #: content hash -> device weights; the step's adapters are pinned while it is planned
         #: (evictions to make room skip them), the count bound is applied by :meth:`trim`
         self._device: LRUCache[str, DeviceAdapter] = LRUCache(float("inf"))
@@ -86,7 +105,7 @@ class IAPTAdapterManager:
         self.num_evictions = 0  # device LRU evictions (by count or by bytes)
         self.num_over_budget = 0  # adapters admitted into a step that already filled the reservation
 
-    def _load_cpu(self, content_hash: str, name: str, path: str) -> IAPTAdapter:
+    def _load_cpu(self, content_hash: str, name: str, path: str) -> HostAdapter:
         adapter = self._cpu.get(content_hash)
         if adapter is not None:
             return adapter
@@ -101,10 +120,14 @@ class IAPTAdapterManager:
                                num_hidden_layers=self.num_hidden_layers, root=self.snapshot_root)
         if adapter.content_hash != content_hash:
             raise AdapterError(name, f"snapshot {path!r} does not hold the content that was accepted")
-        if self._cpu.put_if_fits(content_hash, adapter):  # larger than the cache: used for this step, not kept
-            while len(self._cpu) > self.config.max_cpu_adapters:
+        layers = {i: adapter.layer_weights(i) for i in adapter.config.generator_layers
+                  if self.layers is None or i in self.layers}  # a pipeline stage keeps its own layers only
+        host = HostAdapter(memory.AdapterShape.of(adapter.config),
+                           PackedGenerators.pack(layers, self.hidden_size, pin=self._pin))
+        if self._cpu.put_if_fits(content_hash, host):  # larger than the cache: used for this step, not kept
+            while self.config.max_cpu_adapters is not None and len(self._cpu) > self.config.max_cpu_adapters:
                 self._cpu.remove_oldest()
-        return adapter
+        return host
 
     def configure_memory(self, limits: memory.StepLimits, budget: int) -> None:
         """Bounds the device memory of adapters to ``budget`` bytes (what the
@@ -119,15 +142,13 @@ class IAPTAdapterManager:
             self._device.pin(content_hash)  # before admitting: making room must not evict it
             self._admit(content_hash, self._shapes[content_hash], name)
             return weights
-        adapter = self._load_cpu(content_hash, name, path)
-        self._admit(content_hash, memory.AdapterShape.of(adapter.config), name)
-        weights = [None] * self.num_hidden_layers
-        for layer in adapter.config.generator_layers:
-            if self.layers is not None and layer not in self.layers:
-                continue  # another pipeline stage's layer
-            # float32, as views of two buffers per layer: the soft-row op batches adapters by
-            # concatenating those buffers (vllm_iapt.generator.generate_grouped)
-            weights[layer] = adapter.layer_weights(layer).flattened(self.device)
+        host = self._load_cpu(content_hash, name, path)
+        self._admit(content_hash, host.shape, name)
+        weights: DeviceAdapter = [None] * self.num_hidden_layers
+        # One copy per adapter, asynchronous from pinned memory; none on a CPU device. The
+        # layers' weights are views laid out for vllm_iapt.generator.generate_grouped.
+        for layer, w in host.packed.to(self.device).unpack().items():
+            weights[layer] = w
         self._device[content_hash] = weights
         self._device.pin(content_hash)
         self._shapes[content_hash] = self._step[content_hash]

@@ -18,6 +18,8 @@ import dataclasses
 import hashlib
 import os
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +29,7 @@ from vllm_iapt.adapter import AdapterError, read_adapter
 from vllm_iapt.config import IAPTEngineConfig
 from vllm_iapt.engine.failures import FailureReasons
 from vllm_iapt.engine.request_entry import EXTRA_ARGS_KEY, SALT_PREFIX, IAPTEntry
-from vllm_iapt.engine.snapshots import SnapshotStore
+from vllm_iapt.engine.snapshots import TOUCH_INTERVAL_SECONDS, SnapshotStore
 from vllm_iapt.serving import metrics
 
 
@@ -69,8 +71,10 @@ class AdapterCatalog:
     @classmethod
     def for_engine(cls, vllm_config, cfg) -> "AdapterCatalog":
         text = vllm_config.model_config.hf_text_config
+        # An entry is a few hundred bytes; a miss reads, validates and hashes the files again.
         return cls(text.hidden_size, text.num_hidden_layers, prefix_hit_unit(vllm_config.cache_config),
-                   SnapshotStore(cfg.snapshot_dir, cfg.max_snapshot_bytes))
+                   SnapshotStore(cfg.snapshot_dir, cfg.max_snapshot_bytes),
+                   capacity=max(1024, 2 * cfg.max_runtime_adapters))
 
     def confine(self, path: str, root: str) -> None:
         """Reads of ``path`` (a run-time adapter) must stay inside ``root``."""
@@ -88,14 +92,15 @@ class AdapterCatalog:
                 out.append(None)
         return tuple(out)
 
-    def resolve(self, name: str, path: str) -> AdapterInfo:
+    def resolve(self, name: str, path: str, hold: bool = False) -> AdapterInfo:
+        """The validated adapter at ``path``. With ``hold``, its snapshot is held for the
+        request being accepted until the caller calls ``store.release(info.snapshot)``."""
         key = self._stamp(path)
         with self._lock:
             info = self._cache.get(key)
             root = self._roots.get(path)
-        stamp = self.store.stamp(info.snapshot) if info is not None else None
-        if stamp is not None and self._snapshots.get(info.snapshot) == stamp:  # the snapshot is as written
-            self.store.touch(info.snapshot)
+            written = self._snapshots.get(info.snapshot) if info is not None else None
+        if written is not None and self.store.use_if_intact(info.snapshot, written, hold):  # as written
             return info if info.name == name else dataclasses.replace(info, name=name)
         adapter, weights = read_adapter(path, name=name, hidden_size=self.hidden_size,
                                         num_hidden_layers=self.num_hidden_layers, root=root)
@@ -109,7 +114,7 @@ class AdapterCatalog:
                 "tokens: the KV cache block size, or prefix_match_unit / hash_block_size when finer), so a "
                 "prefix-cache hit could end inside the soft slots; use a larger --block-size or "
                 "--prefix-match-unit, or an adapter with fewer soft tokens")
-        snapshot = self.store.put(adapter, weights)
+        snapshot = self.store.put(adapter, weights, hold)
         info = AdapterInfo(name, path, m, adapter.content_hash, snapshot)
         with self._lock:
             self._snapshots[snapshot] = self.store.stamp(snapshot)
@@ -133,6 +138,10 @@ def prefix_hit_unit(cache_config) -> int:
              ("block_size", "prefix_match_unit", "hash_block_size", "cache_hit_alignment_tokens")]
     known = [int(u) for u in units if u]
     return min(known) if known else 1
+
+
+#: An accepted request that never reaches the output processor stops holding its snapshot after this.
+ACCEPT_TIMEOUT_SECONDS = 60.0
 
 
 class SoftSlotError(ValueError):
@@ -230,6 +239,12 @@ class IAPTFrontend:
         self.stopping = False
         #: The OpenAI server's adapter registry (vllm_iapt.serving.models.IAPTServing), when there is one.
         self.serving: Any = None
+        self._touched_in_flight = time.monotonic()
+        #: Requests accepted (tagged) but maybe not yet in the output processor's
+        #: request states: (EngineCoreRequest, snapshot, when), oldest first.
+        self._accepted: deque[tuple[Any, str, float]] = deque()
+        self._accepted_lock = threading.Lock()
+        self._request_states: dict = {}  # the output processor's (set by share)
 
     @classmethod
     def for_config(cls, vllm_config: Any) -> "IAPTFrontend | None":
@@ -255,6 +270,9 @@ class IAPTFrontend:
         pool = getattr(getattr(engine, "renderer", None), "_executor", None)  # the tokenizer pool (shutdown.py)
         if pool is not None:
             pool.iapt = state
+        if state is not None:
+            state._request_states = engine.output_processor.request_states
+            state.catalog.store.in_use = state.in_flight_snapshots
 
     def with_soft_slots(self, prompt: Any, params: Any, lora_request: Any, resumable: bool) -> tuple[dict, AdapterInfo]:
         """The request's prompt with the adapter's soft slots and cache salt, and
@@ -267,28 +285,56 @@ class IAPTFrontend:
             raise SoftSlotError(
                 f"IAPT adapter {lora_request.lora_name!r}: streaming-input (resumable) requests are not supported "
                 "with IAPT adapters; send the whole prompt in one request")
-        info = self.catalog.resolve(lora_request.lora_name, lora_request.lora_path)
         if not isinstance(prompt, dict):
             raise SoftSlotError("IAPT requests need a rendered prompt (use LLM.generate or the OpenAI server)")
         if getattr(params, "prompt_logprob_token_ids", None) is not None or getattr(params, "prompt_logprob_start", None):
             raise SoftSlotError("prompt_logprob_token_ids/prompt_logprob_start are not supported with IAPT adapters")
-        return with_soft_slots(info, prompt, self.config.placeholder_token_id, self.max_model_len), info
+        # Held until tag() hands it to the request (or the caller releases it).
+        info = self.catalog.resolve(lora_request.lora_name, lora_request.lora_path, hold=True)
+        try:
+            return with_soft_slots(info, prompt, self.config.placeholder_token_id, self.max_model_len), info
+        except BaseException:
+            self.catalog.store.release(info.snapshot)
+            raise
 
-    @staticmethod
-    def tag(request: Any, lora_request: Any, info: AdapterInfo) -> Any:
+    def tag(self, request: Any, lora_request: Any, info: AdapterInfo) -> Any:
         """Puts the adapter back on vLLM's ``EngineCoreRequest`` (the input processor
         ran with none, so that its "LoRA is not enabled" check passes) and adds the
-        request's :class:`IAPTEntry`."""
+        request's :class:`IAPTEntry`. The request now keeps its snapshot from being
+        deleted (:meth:`in_flight_snapshots`)."""
         request.lora_request = lora_request
         sp = request.sampling_params
         sp.extra_args = {**(sp.extra_args or {}), EXTRA_ARGS_KEY: request_entry(info)}
+        with self._accepted_lock:
+            self._accepted.append((request, info.snapshot, time.monotonic()))
         return request
+
+    def in_flight_snapshots(self) -> set[str]:
+        """The snapshots of this engine client's requests in flight: accepted and not yet
+        finished or aborted (a preempted request whose adapter left the worker's CPU
+        cache loads it again). Accepted requests count until their output state exists
+        (then that state counts), or for :data:`ACCEPT_TIMEOUT_SECONDS` if it never does
+        (vLLM refused it after the input processor, e.g. admission control)."""
+        states = self._request_states
+        now = time.monotonic()
+        with self._accepted_lock:
+            self._accepted = deque(entry for entry in self._accepted if entry[0].request_id not in states
+                                   and now - entry[2] <= ACCEPT_TIMEOUT_SECONDS)
+            pending = {path for _, path, _ in self._accepted}
+        return pending | {s.iapt.path for s in list(states.values()) if s.iapt is not None}
 
     def before_outputs(self, engine_core_outputs: Any, request_states: dict) -> None:
         """A step's outputs, before vLLM's output processor handles them: the prefill
         statistics of IAPT requests lose their soft slots (vLLM's token counters count
         the user's tokens only), and the reasons of requests a worker failed are kept
         for the OpenAI server."""
+        now = time.monotonic()
+        if now - self._touched_in_flight >= TOUCH_INTERVAL_SECONDS:  # for the servers sharing the directory
+            self._touched_in_flight = now
+            for path in self.in_flight_snapshots():
+                self.catalog.store.touch(path)
+        elif self._accepted:
+            self.in_flight_snapshots()  # drops the accepted requests that are in the request states now
         for out in engine_core_outputs:
             request_state = request_states.get(out.request_id)
             if out.prefill_stats is not None and request_state is not None and request_state.iapt is not None:

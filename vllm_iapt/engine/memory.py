@@ -97,9 +97,10 @@ class AdapterShape:
                    config.numerator_degree + 1 if rational else 0, config.denominator_degree if rational else 0)
 
     def device_bytes(self, hidden_size: int) -> int:
-        """Bytes of its device weights: per layer, :meth:`GeneratorWeights.flattened`
-        keeps two float32 buffers, ``[W_down; W_up^T; b_up]`` ``(2r + 1, d)`` and
-        ``[b_down, Q, numerator, denominator]``."""
+        """Bytes of its device weights, at most: per layer, two float32 parts
+        ``[W_down; W_up^T; b_up]`` ``(2r + 1, d)`` and ``[b_down, Q, numerator,
+        denominator]`` (views of one buffer per adapter, :class:`PackedGenerators`,
+        whose parts are aligned to 64 bytes; counted here at 512-byte granules)."""
         r, m = self.r, self.m
         per_layer = _granules(4 * (2 * r + 1) * hidden_size) + _granules(4 * (r + m * r + self.p + self.q))
         return len(self.layers) * per_layer

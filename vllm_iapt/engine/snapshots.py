@@ -11,11 +11,19 @@ re-linking the user's files after a request was accepted therefore never changes
 what the worker computes with, and never reaches it.
 
 The directory is bounded in bytes (``max_snapshot_bytes``): to make room, the least
-recently used snapshots that were not used in the last :data:`MIN_IDLE_SECONDS`
-are deleted (a worker keeps an adapter in its CPU cache once loaded, so a snapshot
-is needed only until the first prefill of a request that was accepted with it); an
-adapter that still does not fit is refused. Several servers of the same user may
-share the directory: snapshots are immutable and named by content.
+recently used snapshots are deleted, except those still needed. A snapshot is needed
+until the last request accepted with it finishes (a worker keeps an adapter in its CPU
+cache once loaded, but a preempted request may need it again after the cache let it
+go). This process knows its own requests (:attr:`SnapshotStore.in_use`). For other
+servers sharing the directory, a snapshot's mtime is its last use: every accepted
+request sets it, and every front end sets it again on its in-flight snapshots every
+:data:`TOUCH_INTERVAL_SECONDS` (``IAPTFrontend.before_outputs``). So a snapshot whose
+mtime is still the one this process set was used by nobody else since, and goes as
+soon as none of this process's requests needs it; one another server used is kept
+until it has been idle for :data:`MIN_IDLE_SECONDS`. A burst of any number of
+distinct adapters therefore fits as long as the adapters of the requests in flight
+do. An adapter that still does not fit is refused. Snapshots are immutable and named
+by content.
 """
 
 from __future__ import annotations
@@ -26,13 +34,15 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from vllm_iapt.adapter import CONFIG_NAME, WEIGHTS_NAME, AdapterError, IAPTAdapter, config_bytes
 
-#: A snapshot used (accepted for a request) this recently is never deleted to make room.
-MIN_IDLE_SECONDS = 600.0
-#: A snapshot's mtime is refreshed at most this often (it is its last-use time).
+#: A front end sets the mtime of its in-flight snapshots this often (their last use).
 TOUCH_INTERVAL_SECONDS = 30.0
+#: A snapshot another server used this recently is never deleted to make room.
+MIN_IDLE_SECONDS = 4 * TOUCH_INTERVAL_SECONDS
+_MAX_TOUCHED = 1 << 16
 _TMP_PREFIX = ".tmp-"
 
 
@@ -73,7 +83,12 @@ class SnapshotStore:
         self.root = snapshot_root(snapshot_dir, create=True)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._touched: dict[str, float] = {}
+        #: snapshot -> (monotonic time, mtime_ns) of this process's last use, oldest first
+        self._touched: dict[str, tuple[float, int]] = {}
+        #: The snapshots of this process's requests in flight (set by the front end).
+        self.in_use: Callable[[], set[str]] = set
+        #: snapshot -> requests being accepted with it (see :meth:`hold`)
+        self._held: dict[str, int] = {}
 
     def path_of(self, content_hash: str) -> str:
         return os.path.join(self.root, content_hash)
@@ -93,36 +108,57 @@ class SnapshotStore:
             return None
 
     def touch(self, path: str) -> None:
-        """Marks a snapshot as used now (its mtime), at most every few seconds."""
-        now = time.monotonic()
-        if now - self._touched.get(path, -1e9) < TOUCH_INTERVAL_SECONDS:
-            return
-        self._touched[path] = now
-        if len(self._touched) > 4096:
-            self._touched.clear()
+        """Marks a snapshot as used now: sets its mtime, the last use other servers see."""
+        ns = time.time_ns()
         try:
-            os.utime(path)
+            os.utime(path, ns=(ns, ns))
         except OSError:
-            pass
+            return
+        self._touched.pop(path, None)
+        self._touched[path] = (time.monotonic(), ns)  # (when, the mtime this process set)
+        if len(self._touched) > _MAX_TOUCHED:
+            del self._touched[next(iter(self._touched))]
 
-    def put(self, adapter: IAPTAdapter, weights: bytes) -> str:
-        """Writes (or reuses) the snapshot of a validated adapter; returns its path.
+    def use_if_intact(self, path: str, stamp: tuple, hold: bool = False) -> bool:
+        """Marks the snapshot used now if its files still have ``stamp``; with ``hold``
+        also holds it for a request being accepted (atomically with making room: a
+        snapshot found intact here is not deleted before :meth:`release`)."""
+        with self._lock:
+            if self.stamp(path) != stamp:
+                return False
+            self.touch(path)
+            if hold:
+                self._held[path] = self._held.get(path, 0) + 1
+            return True
+
+    def release(self, path: str) -> None:
+        """Ends a hold (``use_if_intact`` or ``put`` with ``hold``): the request is now
+        in flight (:attr:`in_use` covers it) or was not accepted."""
+        with self._lock:
+            n = self._held.pop(path, 0) - 1
+            if n > 0:
+                self._held[path] = n
+
+    def put(self, adapter: IAPTAdapter, weights: bytes, hold: bool = False) -> str:
+        """Writes (or reuses) the snapshot of a validated adapter; returns its path,
+        held for a request being accepted with ``hold`` (see :meth:`release`).
         Raises :class:`AdapterError` if it cannot fit in ``max_snapshot_bytes``."""
         final = self.path_of(adapter.content_hash)
         config = config_bytes(adapter.config)
         with self._lock:
             if self._holds(final, config, weights):
-                self._touched.pop(final, None)
                 self.touch(final)
+                if hold:
+                    self._held[final] = self._held.get(final, 0) + 1
                 return final
             self._make_room(len(config) + len(weights), adapter.name)
             tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root)
             try:
                 for name, data in ((CONFIG_NAME, config), (WEIGHTS_NAME, weights)):
+                    # No fsync: a snapshot damaged by a crash is found and written again
+                    # (_holds compares the bytes) and the worker checks the content hash.
                     with open(os.path.join(tmp, name), "wb") as f:
                         f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
                 if os.path.lexists(final):  # an incomplete or damaged snapshot
                     shutil.rmtree(final, ignore_errors=True)
                 try:
@@ -133,6 +169,9 @@ class SnapshotStore:
                     # Another process wrote the same content first.
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            self.touch(final)
+            if hold:
+                self._held[final] = self._held.get(final, 0) + 1
             return final
 
     @staticmethod
@@ -159,8 +198,8 @@ class SnapshotStore:
         except OSError:
             return False
 
-    def entries(self) -> list[tuple[float, int, str]]:
-        """(last use, bytes, path) of every snapshot, oldest first."""
+    def entries(self) -> list[tuple[int, int, str]]:
+        """(last use as mtime_ns, bytes, path) of every snapshot, oldest first."""
         out = []
         for entry in os.scandir(self.root):
             try:
@@ -171,7 +210,7 @@ class SnapshotStore:
                 if not entry.is_dir(follow_symlinks=False):
                     continue
                 size = sum(f.stat(follow_symlinks=False).st_size for f in os.scandir(entry.path))
-                out.append((entry.stat(follow_symlinks=False).st_mtime, size, entry.path))
+                out.append((entry.stat(follow_symlinks=False).st_mtime_ns, size, entry.path))
             except OSError:
                 continue
         return sorted(out)
@@ -184,11 +223,16 @@ class SnapshotStore:
         total = sum(s for _, s, _ in entries)
         if total + size <= self.max_bytes:
             return
-        now = time.time()
-        for mtime, s, path in entries:
+        now_ns, busy = time.time_ns(), self.in_use()
+        for mtime_ns, s, path in entries:
             if total + size <= self.max_bytes:
                 break
-            if now - mtime < MIN_IDLE_SECONDS:
+            if path in busy or path in self._held:
+                continue
+            mine = self._touched.get(path)
+            # Last used by this process (nobody else set its mtime since): not needed any more.
+            # Else another server used it: only time tells that it is done with it.
+            if (mine is None or mine[1] != mtime_ns) and now_ns - mtime_ns < MIN_IDLE_SECONDS * 1e9:
                 continue
             shutil.rmtree(path, ignore_errors=True)
             self._touched.pop(path, None)
@@ -196,5 +240,6 @@ class SnapshotStore:
         if total + size > self.max_bytes:
             raise AdapterError(
                 name, f"the adapter snapshot directory is full ({total} of max_snapshot_bytes={self.max_bytes} "
-                f"bytes in snapshots used in the last {int(MIN_IDLE_SECONDS)} s; this adapter needs {size}); "
-                "retry later or raise --iapt-max-snapshot-bytes")
+                f"bytes in snapshots of requests in flight, just accepted, or used by another server sharing the "
+                f"directory in the last {int(MIN_IDLE_SECONDS)} s; this adapter needs {size}); retry later or "
+                "raise --iapt-max-snapshot-bytes")
