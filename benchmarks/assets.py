@@ -107,19 +107,37 @@ def lora_adapters(root: Path, size: ModelSize, n: int, rank: int) -> list[Path]:
     for i in range(n):
         p = root / f"lora-r{rank}-{i}"
         paths.append(p)
-        if (p / "adapter_model.safetensors").is_file():
-            continue
-        p.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(1000 * rank + i)
-        tensors = {}
-        for layer in range(size.num_layers):
-            for name, (fan_in, fan_out) in size.linear_shapes().items():
-                group = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-                key = f"base_model.model.model.layers.{layer}.{group}.{name}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
-                tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
-        save_file(tensors, str(p / "adapter_model.safetensors"))
-        (p / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-            "target_modules": list(LORA_TARGETS), "bias": "none", "base_model_name_or_path": "bench-model"}))
+        if not (p / "adapter_model.safetensors").is_file():
+            write_lora(p, size, rank, 1000 * rank + i, "bench-model")
     return paths
+
+
+def write_lora(path: Path, size: ModelSize, rank: int, seed: int, base_model: str) -> None:
+    """A random PEFT LoRA adapter on every linear layer of every layer; vLLM's filesystem
+    resolver needs ``base_model`` to be the served model's path."""
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(size.num_layers):
+        for name, (fan_in, fan_out) in size.linear_shapes().items():
+            group = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{group}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": list(LORA_TARGETS), "bias": "none", "base_model_name_or_path": base_model}))
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a benchmark result depends on (empty if not installed)."""
+    import importlib.metadata as md
+
+    out = {}
+    for p in ("vllm", "torch", "transformers", "vllm-iapt"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = ""
+    return out

@@ -38,7 +38,8 @@ sys.path.insert(0, str(HERE))
 
 from vllm_iapt.models.smollm2 import get_model  # noqa: E402
 from vllm_iapt.serving.process import ServerProcess, vllm_serve  # noqa: E402
-from serve_bench import Run, System, _versions, bench  # noqa: E402
+from assets import versions  # noqa: E402
+from serve_bench import Run, System, bench  # noqa: E402
 from soak.servers import group_pids, proc_name, rss_kib  # noqa: E402
 
 ADAPTERS = ROOT / "examples" / "smollm2" / "adapters"
@@ -128,7 +129,7 @@ def main() -> None:
         r["throughput_ratio_to_" + capacities[0]] = round(r["output_throughput"] / base, 3)
     meta = {"command": " ".join(sys.argv), "run": run.__dict__, "model": "SmolLM2-135M-Instruct (float32)",
             "tenants": [p.name for p in tenants], "cores": os.cpu_count(),
-            "processor": platform.processor(), "load_average": os.getloadavg(), "versions": _versions()}
+            "processor": platform.processor(), "load_average": os.getloadavg(), "versions": versions()}
     (out / "onednn_cache.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     write_markdown(results, meta, capacities[0], out / "onednn_cache.md")
     print((out / "onednn_cache.md").read_text())

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from vllm_iapt.serving.process import ServerProcess, vllm_serve  # noqa: E402
-from assets import SIZES, build_model, iapt_adapters, iapt_parameters, lora_adapters, lora_parameters, parameter_matched_rank  # noqa: E402
+from assets import SIZES, build_model, versions, iapt_adapters, iapt_parameters, lora_adapters, lora_parameters, parameter_matched_rank  # noqa: E402
 
 METRICS = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
            "p99_tpot_ms", "median_itl_ms", "p99_itl_ms")
@@ -204,7 +204,7 @@ def main() -> None:
         results = run_sequential(chosen, runs, base_runs, model_dir, common, raw, out, args.seed)
     meta = {"interleaved_repeats": args.interleave, "model": size_name, "parameters": size.num_parameters(), "machine": platform.machine(),
             "processor": platform.processor(), "python": platform.python_version(), "cores": _cores(),
-            "versions": _versions(), "command": " ".join(sys.argv), "slots": args.slots, "bottleneck": args.bottleneck}
+            "versions": versions(), "command": " ".join(sys.argv), "slots": args.slots, "bottleneck": args.bottleneck}
     from report import write_report
 
     write_report(results, meta, out)
@@ -284,12 +284,6 @@ def _cores() -> int:
     import os
 
     return os.cpu_count() or 0
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    return {p: md.version(p) for p in ("vllm", "torch", "transformers", "vllm-iapt")}
 
 
 if __name__ == "__main__":

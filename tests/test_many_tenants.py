@@ -72,15 +72,20 @@ def tenants(tiny_model_dir, tmp_path_factory):
 
 
 def traffic(names: list[str], law: str, n: int, seed: int) -> list[tuple[str | None, list[int]]]:
-    """``n`` requests: a fifth for the base model (None), the rest for tenants drawn
-    uniformly or with Zipf 1.0 popularity (rank k with weight 1/k)."""
+    """``n`` requests: a fifth for the base model (None), the rest for tenants: each
+    once (``every``, in random order), or drawn uniformly or with Zipf 1.0 popularity
+    (rank k with weight 1/k)."""
     rng = random.Random(seed)
     weights = [1.0] * len(names) if law == "uniform" else [1.0 / (k + 1) for k in range(len(names))]
     order = names[:]
-    rng.shuffle(order)  # which tenants are popular
+    rng.shuffle(order)  # which tenants are popular; for "every", the order of their first requests
+    chosen = iter(order)
     out = []
     for i in range(n):
-        name = None if rng.random() < 0.2 else rng.choices(order, weights)[0]
+        if rng.random() < 0.2:
+            name = None
+        else:
+            name = next(chosen, None) if law == "every" else rng.choices(order, weights)[0]
         out.append((name, random_ids(rng.randint(4, 24), seed * 100_003 + i)))
     return out
 
@@ -114,14 +119,13 @@ def check(tenants: Tenants, reference, jobs, answers) -> None:
 
 
 def test_hundreds_of_tenants_through_small_caches(tenants, reference):
-    warm = traffic(tenants.names, "uniform", 480, seed=1)
+    warm = traffic(tenants.names, "every", 420, seed=1)
     check(tenants, reference, warm, asyncio.run(send_all(tenants.proc.url, warm)))
-    seen = {n for n, _ in warm if n}
-    assert len(seen) > 200  # 384 uniform draws from 320 tenants: about 224 distinct
+    assert len({n for n, _ in warm if n}) > 300  # (nearly) every tenant was asked for once
     before = tenants.resources()
     assert tenants.snapshot_bytes() <= tenants.snapshot_bound
     for law, seed in (("zipf", 2), ("uniform", 3)):
-        jobs = traffic(tenants.names, law, 480, seed)
+        jobs = traffic(tenants.names, law, 240, seed)
         check(tenants, reference, jobs, asyncio.run(send_all(tenants.proc.url, jobs)))
         assert tenants.snapshot_bytes() <= tenants.snapshot_bound
     after = tenants.resources()
@@ -129,6 +133,6 @@ def test_hundreds_of_tenants_through_small_caches(tenants, reference):
     assert after["fds"] <= before["fds"] + 8, (before, after)
     assert after["anon_kib"] - before["anon_kib"] < 64 << 10, (before, after)
     log = tenants.proc.log_path.read_text(errors="replace")
-    assert log.count("unregistered to make room") > 100  # the registry of 64 names churned
+    assert log.count("unregistered to make room") > 250  # the registry of 64 names churned
     # The snapshot directory (96 of 320) was full and made room from idle snapshots.
     assert len([d for d in tenants.snapshots.iterdir() if d.is_dir()]) < 100

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from . import ROOT
 from .checker import acceptable_change_outcome
+from assets import versions  # benchmarks/ is on sys.path (benchmarks/soak.py, tests)
 
 if TYPE_CHECKING:
     from .run import Run
@@ -184,24 +185,12 @@ def build_report(run: Run, drained: dict, args) -> dict:
         "targets": targets,
         "passed": all(targets.values()),
         "machine": {"machine": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "versions": _versions()},
+                    "versions": versions()},
     }
 
 
 def _pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for p in ("vllm", "torch", "transformers", "vllm-iapt"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def write_markdown(rep: dict, path: Path) -> None:
