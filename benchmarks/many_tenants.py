@@ -378,6 +378,9 @@ def start_all(stack: ExitStack, specs: list[tuple[System, list[str]]], model_dir
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="write one report (into --out) from the many_tenants.json of runs made in parts, e.g. "
+                         "one per N, with the same settings otherwise; nothing is run")
     ap.add_argument("--quick", action="store_true",
                     help="plumbing: tiny random model, every server eager, N 1 and 8, a handful of requests; "
                          "systems base, iapt and lora-max8 (eager, base-eager is base; lora-max32 differs by a flag)")
@@ -412,6 +415,9 @@ def main() -> None:
                     help="free memory left untouched when sizing --max-cpu-loras (default 3)")
     ap.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE of every server")
     args = ap.parse_args()
+    if args.merge:
+        merge_runs([Path(p) for p in args.merge], Path(args.out))
+        return
     q = args.quick
     args.n = sorted(set(args.n or ([1, 8] if q else [1, 64, 512, 2048])))
     explicit_pops = args.popularity is not None
@@ -579,9 +585,10 @@ def main() -> None:
             finally:
                 max_running, max_waiting = sampler.stop()
             after = memory_of(srv)
+            preempt1 = preemptions(srv)  # None if the server is gone (its requests are counted as errors)
             row = {"system": system.name, "kind": system.kind, "n": n, "popularity": law, "round": rnd,
                    **summarize(res, olen), "max_running": max_running, "max_waiting": max_waiting,
-                   "preemptions": (preemptions(srv) - preempt0) if preempt0 is not None else None,
+                   "preemptions": (preempt1 - preempt0) if None not in (preempt0, preempt1) else None,
                    "rss_before_bytes": before["rss_bytes"], "rss_after_bytes": after["rss_bytes"],
                    "pss_before_bytes": before["pss_bytes"], "pss_after_bytes": after["pss_bytes"],
                    "fds_before": before["fds"], "fds_after": after["fds"]}
@@ -618,6 +625,28 @@ def write_outputs(out: Path, samples: dict, first_rows: list[dict], memory: list
     (out / "many_tenants.md").write_text(md)
     plot(results, meta, out / "many_tenants.png")
     return md
+
+
+def merge_runs(paths: list[Path], out: Path) -> None:
+    """One report from runs made in parts (e.g. each N in its own run, when one run of the
+    whole grid does not fit the machine): their rows side by side, each part's command in
+    the report. Ratios stay within a part (each was measured against its own base servers)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    meta = dict(runs[-1]["meta"])
+    meta["n"] = sorted({n for r in runs for n in r["meta"]["n"]})
+    meta["command"] = " ; ".join(r["meta"]["command"] for r in runs)
+    meta["wall_seconds"] = sum(r["meta"]["wall_seconds"] for r in runs)
+    meta["complete"] = all(r["meta"].get("complete", True) or r is not runs[-1] for r in runs)
+    meta["parts"] = [{"command": r["meta"]["command"], "n": r["meta"]["n"], "complete": r["meta"].get("complete"),
+                      "max_cpu_loras": r["meta"].get("max_cpu_loras")} for r in runs]
+    results = [row for r in runs for row in r["results"]]
+    first_rows = [row for r in runs for row in r["first_pass"]]
+    memory = [{**row, "when": f"part {i + 1}: {row['when']}"} for i, r in enumerate(runs) for row in r["memory"]]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "many_tenants.json").write_text(json.dumps({"meta": meta, "results": results, "first_pass": first_rows,
+                                                       "memory": memory}, indent=2) + "\n")
+    (out / "many_tenants.md").write_text(markdown(results, first_rows, memory, meta))
+    plot(results, meta, out / "many_tenants.png")
 
 
 def size_cpu_loras(args, servers: dict[str, ServerProcess], n_max: int, lora_mem: int, n_lora: int,
@@ -702,6 +731,9 @@ def markdown(results: list[dict], first_rows: list[dict], memory: list[dict], me
         f"Model: {m['model']} (`{m['model_dir']}`), {m['cores']} CPU cores, vLLM {m['versions'].get('vllm')}, "
         f"torch {m['versions'].get('torch')}. Command: `{m['command']}` ({m['wall_seconds'] / 60:.1f} min; load average "
         f"{m['load_average_before'][0]:.1f} before, {m['load_average_after'][0]:.1f} after).", "",
+        *([f"Made in {len(m['parts'])} runs merged with `--merge` (each with its own servers, ratios within a run): "
+           + "; ".join(f"N = {', '.join(map(str, p['n']))}{'' if p['complete'] else ' (stopped before its end)'}"
+                       for p in m["parts"]) + ".", ""] if m.get("parts") else []),
         f"Every server up at once (KV cache {m['kv_cache_gib']} GiB each). Requests: streaming `/v1/completions`, "
         f"{m['prompt_len']} prompt tokens (random ids, fresh per request), exactly {m['output_len']} output tokens "
         f"(`ignore_eos`, `min_tokens`), concurrency {m['concurrency']}, {m['num_requests']} requests per measured pass, "
