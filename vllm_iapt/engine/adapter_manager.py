@@ -33,12 +33,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass
 
 import torch
 from vllm.utils.cache import LRUCache
 from vllm.utils.platform_utils import is_pin_memory_available
-
-from dataclasses import dataclass
 
 from vllm_iapt.adapter import AdapterError, load_adapter
 from vllm_iapt.config import IAPTEngineConfig

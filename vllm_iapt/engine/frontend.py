@@ -316,12 +316,16 @@ class IAPTFrontend:
         (then that state counts), or for :data:`ACCEPT_TIMEOUT_SECONDS` if it never does
         (vLLM refused it after the input processor, e.g. admission control)."""
         states = self._request_states
-        now = time.monotonic()
+        return self._prune_accepted() | {s.iapt.path for s in list(states.values()) if s.iapt is not None}
+
+    def _prune_accepted(self) -> set[str]:
+        """Drops the accepted requests now in the request states (or too old); returns
+        the snapshots of the others."""
+        states, now = self._request_states, time.monotonic()
         with self._accepted_lock:
             self._accepted = deque(entry for entry in self._accepted if entry[0].request_id not in states
                                    and now - entry[2] <= ACCEPT_TIMEOUT_SECONDS)
-            pending = {path for _, path, _ in self._accepted}
-        return pending | {s.iapt.path for s in list(states.values()) if s.iapt is not None}
+            return {path for _, path, _ in self._accepted}
 
     def before_outputs(self, engine_core_outputs: Any, request_states: dict) -> None:
         """A step's outputs, before vLLM's output processor handles them: the prefill
@@ -334,7 +338,7 @@ class IAPTFrontend:
             for path in self.in_flight_snapshots():
                 self.catalog.store.touch(path)
         elif self._accepted:
-            self.in_flight_snapshots()  # drops the accepted requests that are in the request states now
+            self._prune_accepted()  # without scanning every request state each step
         for out in engine_core_outputs:
             request_state = request_states.get(out.request_id)
             if out.prefill_stats is not None and request_state is not None and request_state.iapt is not None:

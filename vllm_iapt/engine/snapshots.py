@@ -83,8 +83,8 @@ class SnapshotStore:
         self.root = snapshot_root(snapshot_dir, create=True)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        #: snapshot -> (monotonic time, mtime_ns) of this process's last use, oldest first
-        self._touched: dict[str, tuple[float, int]] = {}
+        #: snapshot -> the mtime_ns this process last set on it, oldest first
+        self._touched: dict[str, int] = {}
         #: The snapshots of this process's requests in flight (set by the front end).
         self.in_use: Callable[[], set[str]] = set
         #: snapshot -> requests being accepted with it (see :meth:`hold`)
@@ -115,7 +115,7 @@ class SnapshotStore:
         except OSError:
             return
         self._touched.pop(path, None)
-        self._touched[path] = (time.monotonic(), ns)  # (when, the mtime this process set)
+        self._touched[path] = ns
         if len(self._touched) > _MAX_TOUCHED:
             del self._touched[next(iter(self._touched))]
 
@@ -128,8 +128,11 @@ class SnapshotStore:
                 return False
             self.touch(path)
             if hold:
-                self._held[path] = self._held.get(path, 0) + 1
+                self._hold(path)
             return True
+
+    def _hold(self, path: str) -> None:
+        self._held[path] = self._held.get(path, 0) + 1
 
     def release(self, path: str) -> None:
         """Ends a hold (``use_if_intact`` or ``put`` with ``hold``): the request is now
@@ -149,7 +152,7 @@ class SnapshotStore:
             if self._holds(final, config, weights):
                 self.touch(final)
                 if hold:
-                    self._held[final] = self._held.get(final, 0) + 1
+                    self._hold(final)
                 return final
             self._make_room(len(config) + len(weights), adapter.name)
             tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root)
@@ -171,7 +174,7 @@ class SnapshotStore:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.touch(final)
             if hold:
-                self._held[final] = self._held.get(final, 0) + 1
+                self._hold(final)
             return final
 
     @staticmethod
@@ -232,7 +235,7 @@ class SnapshotStore:
             mine = self._touched.get(path)
             # Last used by this process (nobody else set its mtime since): not needed any more.
             # Else another server used it: only time tells that it is done with it.
-            if (mine is None or mine[1] != mtime_ns) and now_ns - mtime_ns < MIN_IDLE_SECONDS * 1e9:
+            if mine != mtime_ns and now_ns - mtime_ns < MIN_IDLE_SECONDS * 1e9:
                 continue
             shutil.rmtree(path, ignore_errors=True)
             self._touched.pop(path, None)
