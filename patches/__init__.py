@@ -208,11 +208,13 @@ PATCHED_SYMBOLS: tuple[PatchedSymbol, ...] = (
                   "creates the PrefillAdmission when IAPT is on",
                   "vLLM's scheduler caps adapters starting a prefill per step", "none known"),
     PatchedSymbol(ENGINE_CORE, "scheduler", "vllm.v1.core.sched.scheduler.Scheduler.schedule",
-                  "a new step: the admission's count of adapters starting a prefill starts at 0",
+                  "a new step: the admission's count of adapters starting a prefill starts at 0; adapters seen "
+                  "first in the step are announced to the workers on its SchedulerOutput (read ahead)",
                   "vLLM's scheduler caps adapters starting a prefill per step", "none known"),
     PatchedSymbol(ENGINE_CORE, "scheduler",
                   "vllm.v1.core.sched.scheduler.Scheduler._handle_blocked_waiting_request",
-                  "a waiting request of one adapter too many for this step's reserved memory waits a step",
+                  "a waiting request whose adapter is seen first (read ahead) or is one too many for this step's "
+                  "reserved memory waits a step",
                   "vLLM's scheduler caps adapters starting a prefill per step", "none known"),
     PatchedSymbol(WORKER, "model_runner", "vllm.v1.worker.gpu_worker.Worker.load_model",
                   "the worker's IAPT state: soft-row op in the decoder layers, checks",
@@ -232,7 +234,8 @@ PATCHED_SYMBOLS: tuple[PatchedSymbol, ...] = (
                   "the step's failed requests ride on its ModelRunnerOutput to the scheduler",
                   "vLLM lets a model runner fail single requests", "none known"),
     PatchedSymbol(WORKER, "model_runner", "vllm.v1.worker.gpu_model_runner.GPUModelRunner.execute_model",
-                  "drop a plan no forward published (dummy and profiling runs)", "as for _prepare_inputs",
+                  "start reading the adapters the scheduler announced on the step (read ahead); drop a plan no "
+                  "forward published (dummy and profiling runs)", "as for _prepare_inputs",
                   "none known"),
     PatchedSymbol(WORKER, "worker_memory", "vllm.v1.worker.gpu_worker.Worker.determine_available_memory",
                   "IAPT's device memory is taken out of the KV cache before vLLM sizes it",

@@ -14,8 +14,10 @@ IAPT requests are not LoRA to the dispatcher, and a step with a plan is never of
 a FULL graph); ``_model_forward`` puts the plan into vLLM's forward context, where the
 soft-row op reads it; ``sample_tokens`` puts the requests whose adapter failed this
 step on the step's ``ModelRunnerOutput`` for the scheduler
-(:mod:`vllm_iapt.engine.failures`, ``patches/scheduler.py``); ``execute_model`` drops
-an unpublished plan, so dummy and profiling runs never see a stale one.
+(:mod:`vllm_iapt.engine.failures`, ``patches/scheduler.py``); ``execute_model`` first
+starts reading the adapters the scheduler announced on the step (read ahead,
+:mod:`vllm_iapt.engine.admission`), and at its end drops an unpublished plan, so
+dummy and profiling runs never see a stale one.
 
 Why: the layers need, per request, its rows in the batch, how many rows it has
 already computed and its prompt length; the runner's InputBatch has all of it on
@@ -83,9 +85,11 @@ def apply() -> None:
         result = original_sample(self, *args, **kwargs)
         return self.iapt.report_failures(result) if self.iapt is not None else result
 
-    def execute_model(self: GPUModelRunner, *args, **kwargs):
+    def execute_model(self: GPUModelRunner, scheduler_output, *args, **kwargs):
+        if self.iapt is not None:
+            self.iapt.read_ahead(scheduler_output)
         try:
-            return original_execute(self, *args, **kwargs)
+            return original_execute(self, scheduler_output, *args, **kwargs)
         finally:
             if self.iapt is not None:
                 self.iapt.end_step()

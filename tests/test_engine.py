@@ -327,6 +327,43 @@ def test_a_burst_of_new_adapters_is_spread_over_steps(llm, reference, adapter_fa
     assert max(planned) == cap and sum(planned) == len(burst), planned
 
 
+def test_a_new_adapter_is_read_ahead_of_the_step_that_starts_it(llm, reference, adapters, adapter_factory):
+    """The first request of an adapter the engine has not seen waits one step, in
+    which each worker reads, checks and packs the adapter in a background thread
+    (the scheduler announced it on that step's SchedulerOutput); the step that
+    starts the request finds it in host memory, so no step reads it. A request
+    already decoding goes on meanwhile, and every answer is exact."""
+    from vllm import SamplingParams
+
+    from engine_harness import runner_of
+    from vllm_iapt import IAPTRequest
+
+    engine, manager = llm.llm_engine, runner_of(llm).iapt.manager
+    long = {**GREEDY, "max_tokens": 3 * MAX_TOKENS}
+    warm_ids = random_ids(12, 160)
+    engine.add_request("ahead-warm", {"type": "token", "prompt_token_ids": warm_ids}, SamplingParams(**long),
+                       lora_request=IAPTRequest(*adapters["a"]))
+    while not any(out.request_id == "ahead-warm" for out in engine.step()):
+        pass
+    ahead, in_step = manager.num_read_ahead, manager.num_read_in_step
+    fresh = [(f"ahead-{i}", 60 + i, str(adapter_factory(f"eng-ahead-{i}", num_soft_tokens=3, seed=150 + i)))
+             for i in range(3)]
+    prompts = [random_ids(7 + i, 170 + i) for i in range(len(fresh))]
+    for i, (prompt, adapter) in enumerate(zip(prompts, fresh)):
+        engine.add_request(f"ahead-{i}", {"type": "token", "prompt_token_ids": prompt}, SamplingParams(**GREEDY),
+                           lora_request=IAPTRequest(*adapter))
+    first = engine.step()  # announces the three adapters; only the warm request runs
+    assert [out.request_id for out in first] == ["ahead-warm"], [out.request_id for out in first]
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({out.request_id: out for out in engine.step() if out.finished})
+    assert manager.num_read_ahead - ahead == len(fresh) and manager.num_read_in_step == in_step
+    assert list(done["ahead-warm"].outputs[0].token_ids) == \
+        reference.generate(warm_ids, adapters["a"][2], 3 * MAX_TOKENS).token_ids
+    for i, (prompt, adapter) in enumerate(zip(prompts, fresh)):
+        assert list(done[f"ahead-{i}"].outputs[0].token_ids) == reference.generate(prompt, adapter[2], MAX_TOKENS).token_ids
+
+
 def test_cuda_graph_dispatch(llm, reference, adapters):
     """With vLLM's CUDA-graph decisions (FULL_AND_PIECEWISE, emulated on the eager
     engine): IAPT requests are not LoRA to the dispatcher, a pass that starts an

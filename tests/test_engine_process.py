@@ -55,9 +55,12 @@ def test_multiprocess_engine(tmp_path, tiny_model_dir, adapter_factory, referenc
         "engine": {"additional_config": {"iapt": {}}},
         "batches": [{"items": items, "sampling": greedy}, {"items": bad, "sampling": greedy},
                     {"items": items[:3], "sampling": greedy}],
+        "read_counts": True,
     })
     assert_matches_reference(reference, items, result["batches"][0], 8)
     assert "does not exist" in result["batches"][1]["error"]
+    # The scheduler's read-ahead announcements reach the worker process: no step read an adapter.
+    assert result["read_counts"] == [[2, 0]], result["read_counts"]
     survived = result["batches"][2]  # the engine survived the bad adapter
     assert [r["outputs"][0]["token_ids"] for r in survived] == [r["outputs"][0]["token_ids"] for r in result["batches"][0][:3]]
 
@@ -254,7 +257,9 @@ def test_tensor_parallel(tmp_path, tiny_model_dir, adapter_factory, reference):
         "engine": {"additional_config": {"iapt": {}}, "tensor_parallel_size": 2},
         "batches": [{"items": items, "sampling": greedy}, {"items": mixed, "sampling": greedy},
                     {"items": items[:3], "sampling": greedy}],
+        "read_counts": True,
     }, timeout=900)
+    assert result["read_counts"] == [[3, 0], [3, 0]], result["read_counts"]  # every rank read every adapter ahead
     assert_matches_reference(reference, items, result["batches"][0], 8)
     for it, res in zip(mixed, result["batches"][1]):
         if it["adapter"] is broken:

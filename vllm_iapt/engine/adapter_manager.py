@@ -7,6 +7,12 @@ They are loaded only from the front end's content-addressed snapshots
 content hash is checked again. Only prefill steps ask for weights; decoding never
 touches this manager.
 
+An adapter the scheduler announces (its first request waits one step for it,
+:mod:`vllm_iapt.engine.admission`) is read, checked and packed by a background thread
+while that step runs (:meth:`IAPTAdapterManager.read_ahead`), so the step that starts
+its request finds it in host memory; an adapter that was not announced, or was
+evicted since, is read inside the step that needs it.
+
 The CPU cache keeps each adapter as this rank's generators packed in one float32
 buffer (:class:`~vllm_iapt.generator.PackedGenerators`, pinned on a GPU), so a device
 miss is one asynchronous copy, and none on a CPU device. It is bounded in bytes
@@ -33,6 +39,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +57,10 @@ logger = logging.getLogger("vllm.iapt")
 
 #: The flag of ``max_device_adapter_bytes`` (named in messages).
 _FLAG = "--iapt-max-device-adapter-bytes"
+
+#: Most reads ahead in flight or done and not yet used; further announcements are read
+#: when their requests are scheduled.
+MAX_READ_AHEAD = 64
 
 #: Per layer: the generator's weights on the device, or None if the layer has none.
 DeviceAdapter = list[GeneratorWeights | None]
@@ -100,14 +112,60 @@ class IAPTAdapterManager:
         self.stage_check: list[tuple] | None = None
         #: content hash -> reason of its last failed load (cleared by a successful one)
         self.failed_hashes: LRUCache[str, str] = LRUCache(1024)
+        #: content hash -> its read ahead (a background thread, started lazily)
+        self._reading: dict[str, Future[HostAdapter]] = {}
+        self._reader: ThreadPoolExecutor | None = None
+        self.num_read_ahead = 0  # host misses read by the background thread, for tests and metrics
+        self.num_read_in_step = 0  # host misses read inside the step that needed them
         self.num_uploads = 0  # device LRU misses, for tests and metrics
         self.num_evictions = 0  # device LRU evictions (by count or by bytes)
         self.num_over_budget = 0  # adapters admitted into a step that already filled the reservation
+
+    def read_ahead(self, announced: Iterable[tuple[str, str, str]]) -> None:
+        """Starts reading the announced ``(content hash, name, snapshot path)``
+        adapters that are in neither cache, in a background thread; a read that
+        fails is read again, and fails, in the step that needs it. Called before
+        every step, which first keeps the reads that finished."""
+        self._keep_read_ahead()
+        for content_hash, name, path in announced:
+            if (content_hash in self._cpu or content_hash in self._device or content_hash in self._reading
+                    or len(self._reading) >= MAX_READ_AHEAD):
+                continue
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="iapt-read-ahead")
+            self._reading[content_hash] = self._reader.submit(self._read, content_hash, name, path)
 
     def _load_cpu(self, content_hash: str, name: str, path: str) -> HostAdapter:
         adapter = self._cpu.get(content_hash)
         if adapter is not None:
             return adapter
+        future = self._reading.pop(content_hash, None)
+        if future is not None and future.exception() is None:  # waits if the read is still under way
+            host = future.result()
+            self.num_read_ahead += 1
+        else:
+            host = self._read(content_hash, name, path)
+            self.num_read_in_step += 1
+        self._keep(content_hash, host)
+        return host
+
+    def _keep_read_ahead(self) -> None:
+        """Moves finished reads ahead into the CPU cache (failed ones are dropped)."""
+        for content_hash, future in list(self._reading.items()):
+            if future.done():
+                del self._reading[content_hash]
+                if future.exception() is None:
+                    self._keep(content_hash, future.result())
+                    self.num_read_ahead += 1
+
+    def _keep(self, content_hash: str, host: HostAdapter) -> None:
+        if self._cpu.put_if_fits(content_hash, host):  # larger than the cache: used for this step, not kept
+            while self.config.max_cpu_adapters is not None and len(self._cpu) > self.config.max_cpu_adapters:
+                self._cpu.remove_oldest()
+
+    def _read(self, content_hash: str, name: str, path: str) -> HostAdapter:
+        """Reads, checks and packs a snapshot (in a step, or in the read-ahead thread:
+        it touches no cache)."""
         if not is_snapshot_path(path, self.snapshot_root) or os.path.basename(path) != content_hash:
             raise AdapterError(name, f"{path!r} is not a snapshot in this engine's snapshot directory "
                                f"{self.snapshot_root!r}")
@@ -121,12 +179,8 @@ class IAPTAdapterManager:
             raise AdapterError(name, f"snapshot {path!r} does not hold the content that was accepted")
         layers = {i: adapter.layer_weights(i) for i in adapter.config.generator_layers
                   if self.layers is None or i in self.layers}  # a pipeline stage keeps its own layers only
-        host = HostAdapter(memory.AdapterShape.of(adapter.config),
+        return HostAdapter(memory.AdapterShape.of(adapter.config),
                            PackedGenerators.pack(layers, self.hidden_size, pin=self._pin))
-        if self._cpu.put_if_fits(content_hash, host):  # larger than the cache: used for this step, not kept
-            while self.config.max_cpu_adapters is not None and len(self._cpu) > self.config.max_cpu_adapters:
-                self._cpu.remove_oldest()
-        return host
 
     def configure_memory(self, limits: memory.StepLimits, budget: int) -> None:
         """Bounds the device memory of adapters to ``budget`` bytes (what the

@@ -25,6 +25,7 @@ from vllm_iapt.architectures import checked_architecture
 from vllm_iapt.config import IAPTEngineConfig
 from vllm_iapt.engine import failures, layers, support
 from vllm_iapt.engine.adapter_manager import IAPTAdapterManager
+from vllm_iapt.engine.admission import ANNOUNCE_ATTR
 from vllm_iapt.engine.plan import StepPlan, agree_across_stages, build_plan, publish
 from vllm_iapt.engine.request_entry import soft_token_count
 
@@ -81,7 +82,12 @@ class IAPTWorkerState:
                     vllm_config.compilation_config.mode.name, vllm_config.compilation_config.cudagraph_mode.name)
         return state
 
-    # -- one step: _prepare_inputs -> dispatch -> _model_forward -> sample_tokens -> end of execute_model
+    # -- one step: execute_model -> _prepare_inputs -> dispatch -> _model_forward -> sample_tokens -> end
+
+    def read_ahead(self, scheduler_output: Any) -> None:
+        """At the start of every step, also an empty one: starts reading the adapters
+        the scheduler announced on it (:mod:`vllm_iapt.engine.admission`)."""
+        self.manager.read_ahead(getattr(scheduler_output, ANNOUNCE_ATTR, ()))
 
     def prepare_step(self, runner: Any, num_scheduled_tokens: Any) -> None:
         """After vLLM prepared the step's inputs: builds the step's plan from the
