@@ -46,3 +46,18 @@ def test_serving_benchmark_quick_plumbing(tmp_path):
     assert all("throughput_vs_same_settings" in r for r in iapt)  # compared with base-nochunk
     assert (tmp_path / "out" / "throughput_vs_adapters.png").stat().st_size > 0
     assert data["meta"]["versions"]["vllm"]
+
+
+def test_cold_adapter_benchmark_quick_plumbing(tmp_path):
+    """Both ways ran on the same engine: with read-ahead every cold adapter was read
+    ahead of its step, with the announcements off every one inside a step."""
+    run(["benchmarks/cold_adapters.py", "--quick", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cold_adapters.json").read_text())
+    ahead, inside = data["results"]["read ahead"], data["results"]["read in the step"]
+    cold = data["meta"]["cold"]
+    assert (ahead["read_ahead"], ahead["read_in_step"]) == (cold, 0)
+    assert (inside["read_ahead"], inside["read_in_step"]) == (0, cold)
+    for r in (ahead, inside):
+        assert r["steps_starting_cold"] > 0 and r["step_ms_starting_cold_p50"] > 0 and r["warm_tok_s"] > 0
+        assert r["cold_ttft_ms_p50"] > 0
+    assert "| warm requests' output tok/s |" in (tmp_path / "cold_adapters.md").read_text()
