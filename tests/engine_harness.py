@@ -192,13 +192,38 @@ def main(spec_path: str) -> None:
         print("RESULT " + json.dumps(run_spec(spec)))
 
 
+def _patch_groups(worker=None) -> dict[str, Any]:
+    """The patch groups this process applied, and the front-end and worker-side
+    modules it imported (the vLLM modules whose symbols a group's patches change,
+    and the group's patch modules)."""
+    import multiprocessing
+
+    from vllm_iapt import patches
+
+    def modules(group: str) -> set[str]:
+        out = {"vllm_iapt.patches." + m for m in patches.PATCH_GROUPS[group]}
+        for row in patches.PATCHED_SYMBOLS:
+            if row.group == group:
+                parts = row.symbol.split(".")
+                out.add(".".join(parts[:next(i for i, p in enumerate(parts) if p.lstrip("_")[:1].isupper())]))
+        return out
+
+    # (vLLM's worker imports the renderer module, vllm.renderers.base, by itself.)
+    front_end = (modules("frontend") | {"vllm.entrypoints.openai.api_server", "vllm_iapt.serving.models"}) - {
+        "vllm.renderers.base"}
+    worker_side = modules("worker") | {"vllm_iapt.engine.worker"}
+    return {"process": multiprocessing.current_process().name, "groups": sorted(patches.APPLIED),
+            "failed": sorted(patches.FAILED), "front_end_modules": sorted(front_end & set(sys.modules)),
+            "worker_modules": sorted(worker_side & set(sys.modules))}
+
+
 def _read_counts(worker) -> list[int]:
     manager = worker.model_runner.iapt.manager
     return [manager.num_read_ahead, manager.num_read_in_step]
 
 
 def run_spec(spec: dict[str, Any], keep: bool = True) -> dict[str, Any]:
-    if spec.get("read_counts"):  # collective_rpc of a function (the engine core unpickles it)
+    if spec.get("read_counts") or spec.get("patch_groups"):  # collective_rpc of a function (the engine core unpickles it)
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     try:
         # The layout the spec's process_env asked for (vLLM's default: multi-process).
@@ -216,6 +241,8 @@ def run_spec(spec: dict[str, Any], keep: bool = True) -> dict[str, Any]:
         result["num_preemptions"] = counter(llm, "vllm:num_preemptions")
     if spec.get("read_counts"):  # per worker: adapters read ahead of their step, and inside it
         result["read_counts"] = llm.collective_rpc(_read_counts)
+    if spec.get("patch_groups"):  # what this process and every worker applied and imported
+        result["patch_groups"] = {"front": _patch_groups(), "workers": llm.collective_rpc(_patch_groups)}
     if spec.get("inspect_layers"):
         executor = llm.llm_engine.model_executor
         model = executor.driver_worker.worker.model_runner.model

@@ -44,19 +44,27 @@ def assert_matches_reference(reference, items, results, max_tokens):
 
 
 def test_multiprocess_engine(tmp_path, tiny_model_dir, adapter_factory, reference):
+    """vLLM's production layout (front end, engine core, worker in three processes):
+    exact answers, a bad adapter refused alone, every adapter read ahead of its step
+    in the worker process; and each process applies only its own patch groups: the
+    worker never imports the OpenAI server's serving layer or a front-end patch, the
+    front end never imports the model runner or a worker patch, the engine core
+    applies only its own group."""
     a = ["a", 1, str(adapter_factory("mp-a", num_soft_tokens=4, seed=11))]
     b = ["b", 2, str(adapter_factory("mp-b", num_soft_tokens=3, activation="relu", bottleneck_dim=24, seed=12))]
     items = [{"ids": random_ids(n, n), "adapter": ad} for n in (3, 40, 200) for ad in (None, a, b)]
     greedy = {"max_tokens": 8, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}
     bad = [{"ids": random_ids(5, 1), "adapter": ["bad", 3, str(tmp_path / "missing")]}]
+    log = tmp_path / "engine.log"
     result = run_engine(tmp_path, {
         "model": str(tiny_model_dir),
-        "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
-        "engine": {"additional_config": {"iapt": {}}},
+        "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "DEBUG"},
+        "engine": {"additional_config": {"iapt": {}}, "distributed_executor_backend": "mp"},
         "batches": [{"items": items, "sampling": greedy}, {"items": bad, "sampling": greedy},
                     {"items": items[:3], "sampling": greedy}],
         "read_counts": True,
-    })
+        "patch_groups": True,
+    }, log=log)
     assert_matches_reference(reference, items, result["batches"][0], 8)
     assert "does not exist" in result["batches"][1]["error"]
     # The scheduler's read-ahead announcements reach the worker process: no step read an adapter.
@@ -64,41 +72,54 @@ def test_multiprocess_engine(tmp_path, tiny_model_dir, adapter_factory, referenc
     survived = result["batches"][2]  # the engine survived the bad adapter
     assert [r["outputs"][0]["token_ids"] for r in survived] == [r["outputs"][0]["token_ids"] for r in result["batches"][0][:3]]
 
+    front, (worker,) = result["patch_groups"]["front"], result["patch_groups"]["workers"]
+    assert front["groups"] == ["every process", "frontend"] and not front["failed"], front
+    assert front["worker_modules"] == [], front
+    assert worker["process"].startswith("VllmWorker"), worker
+    assert worker["groups"] == ["every process", "worker"] and not worker["failed"], worker
+    assert worker["front_end_modules"] == [], worker
+    lines = log.read_text(errors="replace").splitlines()  # vLLM logs to stdout; the engine core's lines say so
+    core = [line for line in lines if "vllm-iapt:" in line and "patches applied in process EngineCore" in line]
+    assert any("engine_core patches applied" in line for line in core), lines[-50:]
+    assert not any("frontend patches applied" in line or "worker patches applied" in line for line in core), core
 
-def test_preemption_recomputes_soft_tokens(tmp_path, tiny_model_dir, adapter_factory, reference):
-    """A KV cache of 12 blocks of 32 tokens for 6 sequences of ~100 tokens forces
-    preemption; recomputed sequences must still match the reference."""
+
+def test_preemption_recomputes_soft_tokens_and_iapt_disabled_is_stock_vllm(tmp_path, tiny_model_dir, adapter_factory,
+                                                                           reference):
+    """Two in-process engines, one after another in one process (a process costs
+    about 10 s of imports). First, a KV cache of 12 blocks of 32 tokens for 6
+    sequences of ~100 tokens forces preemption; recomputed sequences must still match
+    the reference. Then an engine without IAPT is stock vLLM: stock layers, and an
+    adapter request is vLLM's own refusal."""
     a = ["a", 1, str(adapter_factory("pre-a", num_soft_tokens=4, seed=21))]
     b = ["b", 2, str(adapter_factory("pre-b", num_soft_tokens=6, activation="gelu", seed=22))]
     items = [{"ids": random_ids(40 + i, 300 + i), "adapter": [None, a, b][i % 3]} for i in range(6)]
     max_tokens = 60
-    result = run_engine(tmp_path, {
-        "model": str(tiny_model_dir),
-        "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        "engine": {"additional_config": {"iapt": {}}, "block_size": 32, "num_gpu_blocks_override": 12,
-                   "max_model_len": 256, "max_num_batched_tokens": 256, "enable_prefix_caching": False,
-                   "disable_log_stats": False},
-        "metrics": True,
-        "batches": [{"items": items, "sampling": {"max_tokens": max_tokens, "temperature": 0.0, "logprobs": 0,
-                                                  "ignore_eos": True}}],
-    })
-    assert result["num_preemptions"] > 0, "the tiny KV cache should have forced preemption"
-    assert_matches_reference(reference, items, result["batches"][0], max_tokens)
-
-
-def test_iapt_disabled_is_stock_vllm(tmp_path, tiny_model_dir, adapter_factory):
-    a = ["a", 1, str(adapter_factory("off-a"))]
+    off = ["a", 1, str(adapter_factory("off-a"))]
     ids = random_ids(10, 1)
     greedy = {"max_tokens": 5, "temperature": 0.0}
-    result = run_engine(tmp_path, {
-        "model": str(tiny_model_dir),
+    preemption, disabled = run_engine(tmp_path, {
         "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        "engine": {},
-        "inspect_layers": True,
-        "batches": [{"items": [{"ids": ids}], "sampling": greedy}, {"items": [{"ids": ids, "adapter": a}], "sampling": greedy}],
-    })
-    assert result["layer_types"] == ["LlamaDecoderLayer"]
-    assert "LoRA is not enabled" in result["batches"][1]["error"]
+        "runs": [{
+            "model": str(tiny_model_dir),
+            "engine": {"additional_config": {"iapt": {}}, "block_size": 32, "num_gpu_blocks_override": 12,
+                       "max_model_len": 256, "max_num_batched_tokens": 256, "enable_prefix_caching": False,
+                       "disable_log_stats": False},
+            "metrics": True,
+            "batches": [{"items": items, "sampling": {"max_tokens": max_tokens, "temperature": 0.0, "logprobs": 0,
+                                                      "ignore_eos": True}}],
+        }, {
+            "model": str(tiny_model_dir),
+            "engine": {},
+            "inspect_layers": True,
+            "batches": [{"items": [{"ids": ids}], "sampling": greedy},
+                        {"items": [{"ids": ids, "adapter": off}], "sampling": greedy}],
+        }],
+    })["runs"]
+    assert preemption["num_preemptions"] > 0, "the tiny KV cache should have forced preemption"
+    assert_matches_reference(reference, items, preemption["batches"][0], max_tokens)
+    assert disabled["layer_types"] == ["LlamaDecoderLayer"]
+    assert "LoRA is not enabled" in disabled["batches"][1]["error"]
 
 
 @pytest.mark.parametrize("kwargs,match", [
