@@ -60,7 +60,7 @@ FILE_SECONDS = {"test_scaling.py": 320, "test_engine_process.py": 250, "test_dem
                 "test_benchmarks.py": 110, "test_benchmarks_onednn.py": 110, "test_server_faults.py": 105,
                 "test_soak.py": 100, "test_smollm2.py": 90, "test_benchmarks_smollm2.py": 75, "test_server.py": 70,
                 "test_patch_groups.py": 25, "test_families.py": 35, "test_integrity.py": 35, "test_compile.py": 30,
-                "test_bf16.py": 30}
+                "test_bf16.py": 30, "test_benchmarks_adapter_quality.py": 30}
 
 
 def pytest_xdist_make_scheduler(config, log):

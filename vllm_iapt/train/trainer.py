@@ -91,7 +91,8 @@ class IAPTTrainer(Trainer):
         model.load_adapter_tensors(load_adapter(resume_from_checkpoint).tensors)
 
 
-def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+def split_examples(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, held out): ``fraction`` of ``items`` held out, chosen by ``seed``."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_eval = int(round(len(items) * fraction))
@@ -132,31 +133,11 @@ def init_from_first_token(model: IAPTForCausalLM, instructions: list[list[int]])
         g.up.bias.copy_(h.to(g.up.bias.dtype))
 
 
-def train(cfg: TrainConfig) -> dict[str, float]:
-    """Train, write the adapter to ``cfg.output_dir`` and return the final metrics."""
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
-    examples = load_examples(tokenizer, cfg.data, cfg.max_length)
-    if cfg.eval_data:
-        train_ex, eval_ex = examples, load_examples(tokenizer, cfg.eval_data, cfg.max_length)
-    else:
-        train_ex, eval_ex = _split(examples, cfg.eval_fraction, cfg.seed)
-    model = build_model(cfg)
-    model.base.eval()  # frozen; no dropout in the base
-    if cfg.init == "first_token" and not cfg.resume:
-        init_from_first_token(model, [e.instruction_ids for e in train_ex[:16]])
-
-    rational = [p for n, p in model.generators.named_parameters() if n.endswith(("numerator", "denominator"))]
-    others = [p for n, p in model.generators.named_parameters() if not n.endswith(("numerator", "denominator"))]
-    groups = [{"params": others, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}]
-    if rational:
-        groups.append({"params": rational, "lr": cfg.rational_learning_rate, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
-
-    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-    has_eval = len(eval_ex) > 0
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
+def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
+    """The ``transformers.Trainer`` settings of :func:`train`: also the PEFT baselines'
+    in ``benchmarks/adapter_quality.py``, so that every method trains on one schedule."""
+    return TrainingArguments(
+        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -180,6 +161,32 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=0,
     )
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Train, write the adapter to ``cfg.output_dir`` and return the final metrics."""
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    examples = load_examples(tokenizer, cfg.data, cfg.max_length)
+    if cfg.eval_data:
+        train_ex, eval_ex = examples, load_examples(tokenizer, cfg.eval_data, cfg.max_length)
+    else:
+        train_ex, eval_ex = split_examples(examples, cfg.eval_fraction, cfg.seed)
+    model = build_model(cfg)
+    model.base.eval()  # frozen; no dropout in the base
+    if cfg.init == "first_token" and not cfg.resume:
+        init_from_first_token(model, [e.instruction_ids for e in train_ex[:16]])
+
+    rational = [p for n, p in model.generators.named_parameters() if n.endswith(("numerator", "denominator"))]
+    others = [p for n, p in model.generators.named_parameters() if not n.endswith(("numerator", "denominator"))]
+    groups = [{"params": others, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}]
+    if rational:
+        groups.append({"params": rational, "lr": cfg.rational_learning_rate, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+    has_eval = len(eval_ex) > 0
+    args = training_arguments(cfg, has_eval)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     trainer = IAPTTrainer(
         model=model,
