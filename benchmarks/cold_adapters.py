@@ -2,10 +2,10 @@
 
 A request whose adapter the engine has never seen needs the adapter's snapshot read,
 checked and packed on every worker (24 ms for an r=64 float32 adapter of SmolLM2 on
-this machine, docs/engine.md). With read-ahead (the default, ``vllm_iapt/engine/admission.py``)
-the scheduler announces the adapter one step before it starts the request, and each
-worker reads it in a background thread while that step runs; the other way round,
-every step that starts a new adapter first waits for its read.
+this machine, docs/engine.md). With read-ahead (``read_ahead``, on by default on a GPU,
+``vllm_iapt/engine/admission.py``) the scheduler announces the adapter one step before
+it starts the request, and each worker reads it in a background thread while that
+step runs; without it, every step that starts a new adapter first waits for its read.
 
 One offline engine (in process), both ways in one run, each on its own fresh
 adapters: ``--warm`` requests of one adapter decode long outputs while one request of a
@@ -13,7 +13,8 @@ new adapter arrives each step (``--cold`` of them). Reported for each way: the t
 of the steps that start a cold adapter and of the other steps (p50/p99), the warm
 requests' output tokens per second while cold adapters arrive, the cold requests'
 TTFT, and how many adapters the workers read ahead or inside a step. "Read in the
-step" is the same engine with the scheduler's announcements switched off.
+step" is the same engine with ``read_ahead`` switched off in its scheduler (the
+default on a CPU device; on by default on a GPU).
 
     .venv/bin/python benchmarks/cold_adapters.py            # SmolLM2-135M, r=64 float32 (about 2 minutes)
     .venv/bin/python benchmarks/cold_adapters.py --quick    # plumbing, tiny model
@@ -46,18 +47,15 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 @contextmanager
-def way(name: str):
-    """Read ahead (as shipped), or announcements switched off (every cold adapter
-    read inside the step that starts it)."""
-    from vllm_iapt.engine.admission import PrefillAdmission
-
-    original = PrefillAdmission._announced_before
-    if name == "read in the step":
-        PrefillAdmission._announced_before = lambda self, entry: True
+def way(llm, name: str):
+    """Read-ahead on or off in the running engine's scheduler (the ``read_ahead``
+    option, read by the scheduler at every step)."""
+    admission = llm.llm_engine.engine_core.engine_core.scheduler.iapt
+    admission.read_ahead = name == "read ahead"
     try:
         yield
     finally:
-        PrefillAdmission._announced_before = original
+        admission.read_ahead = True
 
 
 def measure(llm, warm: tuple, cold: list[tuple], args, rng_seed: int) -> dict:
@@ -166,13 +164,13 @@ def main() -> None:
     paths = iapt_adapters(args.work_dir / f"adapters-r{args.bottleneck}", size, n, args.bottleneck)
     adapters = [(p.name, i + 1, str(p)) for i, p in enumerate(paths)]
     llm = LLM(model=str(model), dtype="float32", max_model_len=512, seed=0, enforce_eager=True,
-              additional_config={"iapt": {"max_adapters": 4}})
+              additional_config={"iapt": {"max_adapters": 4, "read_ahead": True}})
     runs: dict[str, list[dict]] = {w: [] for w in WAYS}
     fresh = iter(adapters[1:])
     with tqdm(total=args.rounds * len(WAYS), desc="cold adapters", unit="run") as bar:
         for r in range(args.rounds):
             for w in WAYS:
-                with way(w):
+                with way(llm, w):
                     runs[w].append(measure(llm, adapters[0], [next(fresh) for _ in range(args.cold)], args, 100 * r))
                 bar.update()
     results = {w: max(runs[w], key=lambda x: x["warm_tok_s"]) for w in WAYS}

@@ -24,8 +24,8 @@ Admission (``Scheduler.__init__``, ``Scheduler.schedule``,
 :class:`vllm_iapt.engine.admission.PrefillAdmission` (``Scheduler.iapt``), told of
 every ``schedule``. A waiting request is skipped for this step (it keeps its place,
 like a LoRA request past ``max_loras``) when its adapter is seen for the first time
-(the adapter is announced on the step's ``SchedulerOutput`` and the workers read it
-ahead, off the step's path), or when it would be one more than the step's cap of
+and read-ahead is on (the adapter is announced on the step's ``SchedulerOutput`` and
+the workers read it ahead, off the step's path), or when it would be one more than the step's cap of
 distinct adapters starting a prefill, so a burst of new tenants is spread over steps
 instead of overflowing the device memory IAPT reserved
 (:mod:`vllm_iapt.engine.memory`). Decoding requests are never held back.
@@ -40,7 +40,7 @@ from __future__ import annotations
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_iapt.engine import failures, support
-from vllm_iapt.engine.admission import PrefillAdmission
+from vllm_iapt.engine.admission import PrefillAdmission, reads_ahead
 
 
 def apply() -> None:
@@ -57,7 +57,8 @@ def apply() -> None:
     def __init__(self: Scheduler, *args, **kwargs):
         original_init(self, *args, **kwargs)
         cfg = support.config_of(self.vllm_config)
-        self.iapt = PrefillAdmission(cfg.max_adapters) if cfg is not None else None
+        self.iapt = None if cfg is None else PrefillAdmission(
+            cfg.max_adapters, reads_ahead(cfg.read_ahead, self.vllm_config.device_config.device_type))
 
     def schedule(self: Scheduler, *args, **kwargs):
         if self.iapt is None:

@@ -32,9 +32,10 @@ def engine(tiny_model_dir, compiled: bool):
     from engine_harness import make_llm
 
     # max_adapters=2 < the 4 adapters used together: a prefill step may need more
-    # adapters than stay resident, and that must still be exact.
+    # adapters than stay resident, and that must still be exact. Read-ahead on, as on
+    # a GPU (off by default on a CPU device).
     return make_llm(str(tiny_model_dir), enforce_eager=not compiled,
-                    additional_config={"iapt": {"max_adapters": 2, "max_cpu_adapters": 3}})
+                    additional_config={"iapt": {"max_adapters": 2, "max_cpu_adapters": 3, "read_ahead": True}})
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +317,7 @@ def test_a_burst_of_new_adapters_is_spread_over_steps(llm, reference, adapter_fa
     per step, the others wait a step, and every request is served exactly."""
     from vllm_iapt.engine.admission import PrefillAdmission
 
-    cap = PrefillAdmission(2).cap
+    cap = PrefillAdmission(2, read_ahead=True).cap
     burst = [(f"burst-{i}", 50 + i, str(adapter_factory(f"eng-burst-{i}", num_soft_tokens=2 + i % 3, seed=80 + i)))
              for i in range(3 * cap)]
     items = [{"ids": random_ids(6 + i, 1200 + i), "adapter": ad} for i, ad in enumerate(burst)]
@@ -328,11 +329,12 @@ def test_a_burst_of_new_adapters_is_spread_over_steps(llm, reference, adapter_fa
 
 
 def test_a_new_adapter_is_read_ahead_of_the_step_that_starts_it(llm, reference, adapters, adapter_factory):
-    """The first request of an adapter the engine has not seen waits one step, in
-    which each worker reads, checks and packs the adapter in a background thread
-    (the scheduler announced it on that step's SchedulerOutput); the step that
-    starts the request finds it in host memory, so no step reads it. A request
-    already decoding goes on meanwhile, and every answer is exact."""
+    """With read-ahead (the default on a GPU, set here): the first request of an
+    adapter the engine has not seen waits one step, in which each worker reads,
+    checks and packs the adapter in a background thread (the scheduler announced it
+    on that step's SchedulerOutput); the step that starts the request finds it in
+    host memory, so no step reads it. A request already decoding goes on meanwhile,
+    and every answer is exact."""
     from vllm import SamplingParams
 
     from engine_harness import runner_of
@@ -362,6 +364,14 @@ def test_a_new_adapter_is_read_ahead_of_the_step_that_starts_it(llm, reference, 
         reference.generate(warm_ids, adapters["a"][2], 3 * MAX_TOKENS).token_ids
     for i, (prompt, adapter) in enumerate(zip(prompts, fresh)):
         assert list(done[f"ahead-{i}"].outputs[0].token_ids) == reference.generate(prompt, adapter[2], MAX_TOKENS).token_ids
+
+
+def test_read_ahead_is_on_by_default_except_on_a_cpu_device(llm):
+    from vllm_iapt.engine.admission import reads_ahead
+
+    assert reads_ahead(None, "cuda") and reads_ahead(None, "xpu") and not reads_ahead(None, "cpu")
+    assert reads_ahead(True, "cpu") and not reads_ahead(False, "cuda")
+    assert llm.llm_engine.engine_core.engine_core.scheduler.iapt.read_ahead  # set on here
 
 
 def test_cuda_graph_dispatch(llm, reference, adapters):

@@ -59,7 +59,7 @@ def test_multiprocess_engine(tmp_path, tiny_model_dir, adapter_factory, referenc
     result = run_engine(tmp_path, {
         "model": str(tiny_model_dir),
         "process_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "DEBUG"},
-        "engine": {"additional_config": {"iapt": {}}, "distributed_executor_backend": "mp"},
+        "engine": {"additional_config": {"iapt": {"read_ahead": True}}, "distributed_executor_backend": "mp"},
         "batches": [{"items": items, "sampling": greedy}, {"items": bad, "sampling": greedy},
                     {"items": items[:3], "sampling": greedy}],
         "read_counts": True,
@@ -275,7 +275,7 @@ def test_tensor_parallel(tmp_path, tiny_model_dir, adapter_factory, reference):
                                                        os.environ.get("PYTHONPATH", "")]),
                         "IAPT_TEST_FAIL_LOAD_ON_RANK": "1:tp-broken"},
         "all_cpus": True,
-        "engine": {"additional_config": {"iapt": {}}, "tensor_parallel_size": 2},
+        "engine": {"additional_config": {"iapt": {"read_ahead": True}}, "tensor_parallel_size": 2},
         "batches": [{"items": items, "sampling": greedy}, {"items": mixed, "sampling": greedy},
                     {"items": items[:3], "sampling": greedy}],
         "read_counts": True,

@@ -135,8 +135,15 @@ class IAPTEngineConfig(BaseModel):
         "(default: <tmp>/vllm-iapt-snapshots-<uid>); must be private to the server's user")
     max_snapshot_bytes: int = Field(
         2 << 30, ge=1,
-        description="bytes the snapshot directory may hold; the least recently used snapshots not used in "
-        "the last 10 minutes are deleted to make room, and an adapter that still does not fit is refused")
+        description="bytes the snapshot directory may hold; the least recently used snapshots no request "
+        "needs are deleted to make room (another server's only after 2 idle minutes), and an adapter that "
+        "still does not fit is refused")
+    read_ahead: bool | None = Field(
+        None,
+        description="hold the first request of an adapter new to the engine for one step, while every worker "
+        "reads, checks and packs the adapter in a background thread, so that no step waits for the read. "
+        "Default: on with a GPU or another accelerator (the host CPU is free while a step runs); off on a CPU "
+        "device, where the read shares the cores with the step and the held request only waits a step longer")
     placeholder_token_id: int = Field(
         0, ge=0, description="token id written into the soft slots; any id works (layer 0 replaces it)")
     allow_unchecked_vllm: bool = Field(

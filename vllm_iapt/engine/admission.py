@@ -3,14 +3,18 @@
 Two rules, both of which only make a request wait a step, keeping its place in
 the queue (like a LoRA request past ``max_loras``):
 
-- **Read ahead.** The first time the scheduler sees an adapter (by content), it
-  announces it to the workers on this step's ``SchedulerOutput``
-  (:data:`ANNOUNCE_ATTR`) instead of starting its request: each worker reads and
-  validates the adapter's snapshot in a background thread while this step runs
+- **Read ahead** (``read_ahead``, :func:`reads_ahead`). The first time the
+  scheduler sees an adapter (by content), it announces it to the workers on this
+  step's ``SchedulerOutput`` (:data:`ANNOUNCE_ATTR`) instead of starting its
+  request: each worker reads and validates the adapter's snapshot in a background
+  thread while this step runs
   (:meth:`vllm_iapt.engine.adapter_manager.IAPTAdapterManager.read_ahead`), and the
   request starts in the next step, when the weights are in host memory. So a cold
   adapter's disk read and validation are not inside everybody's step; on an idle
-  engine the extra step is an empty one.
+  engine the extra step is an empty one. On a GPU the host CPU is free while a step
+  runs, so the read is hidden; on a CPU device the read takes the same cores from
+  the step and the held request waits a step longer for nothing
+  (``benchmarks/results/cold_adapters.md``), so there it is off by default.
 - **A cap on distinct adapters per step.** A step that starts prefills needs every
   one of their adapters' generator weights on the device at once
   (:mod:`vllm_iapt.engine.memory`), and the device memory IAPT reserved for that is
@@ -41,12 +45,19 @@ MAX_ANNOUNCED_PER_STEP = 64
 ANNOUNCED_CAPACITY = 4096
 
 
+def reads_ahead(read_ahead: bool | None, device_type: str) -> bool:
+    """Whether the scheduler holds a new adapter's first request for its read ahead:
+    as configured, by default everywhere but on a CPU device."""
+    return read_ahead if read_ahead is not None else device_type != "cpu"
+
+
 class PrefillAdmission:
     """The scheduler's IAPT state: adapters announced to the workers, and the distinct
     adapters admitted into prefill in the step under way."""
 
-    def __init__(self, max_adapters: int) -> None:
+    def __init__(self, max_adapters: int, read_ahead: bool) -> None:
         self.cap = REFERENCE_STEP_FACTOR * max_adapters
+        self.read_ahead = read_ahead
         self._admitted: set[int] = set()
         self._step = 0
         #: content hash -> the step in which it was announced
@@ -75,7 +86,10 @@ class PrefillAdmission:
 
     def _announced_before(self, entry: Any) -> bool:
         """Whether the workers were told about the adapter in an earlier step;
-        announces it in this one if not (unless this step announced its maximum)."""
+        announces it in this one if not (unless this step announced its maximum, or
+        read-ahead is off)."""
+        if not self.read_ahead:
+            return True
         step = self._announced.get(entry.content_hash)
         if step is not None:
             return step < self._step
