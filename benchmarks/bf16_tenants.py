@@ -35,17 +35,13 @@ ROOT = HERE.parent
 EXAMPLE = ROOT / "examples" / "smollm2"
 sys.path.insert(0, str(EXAMPLE))
 
+from assets import versions  # noqa: E402
 from build import MAX_MODEL_LEN, read_jsonl, score  # noqa: E402
 from tasks import TENANTS, student_messages  # noqa: E402
 
 #: The first held-out messages tests/test_bf16.py checks (reported separately).
 QUICK = 8
 
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    return {p: md.version(p) for p in ("vllm", "torch", "transformers", "vllm-iapt")}
 
 
 def run_dtype(dtype: str, model_dir: Path, tok, names: list[str], limit: int, bar: tqdm) -> dict:

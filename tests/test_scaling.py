@@ -223,7 +223,9 @@ def _outcome(url: str, job: tuple[str, list[int]]):
 def two_node_commands(model_dir, port: int, rpc_port: int, extra: list[str]) -> tuple[list[str], list[str]]:
     dp = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address", "127.0.0.1",
           "--data-parallel-rpc-port", str(rpc_port)]
-    head = serve_command(model_dir, port, *dp, *extra)
+    # One API server: vLLM's default under --data-parallel-size 2 is two (IAPT asks for one
+    # only with run-time loading), two more processes for nothing this test checks.
+    head = serve_command(model_dir, port, *dp, "--api-server-count", "1", *extra)
     other = [VLLM, "serve", str(model_dir), "--served-model-name", BASE, "--dtype", "float32",
              "--max-model-len", "512", "--seed", "0", "--enforce-eager", "--headless",
              "--data-parallel-start-rank", "1", *dp, *extra]
