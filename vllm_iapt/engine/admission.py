@@ -74,9 +74,10 @@ class PrefillAdmission:
         lora = getattr(request, "lora_request", None)
         if lora is None or lora.lora_int_id <= 0:
             return True
-        entry = iapt_entry(request.sampling_params)
-        if entry is not None and not self._announced_before(entry):
-            return False
+        if self.read_ahead:
+            entry = iapt_entry(request.sampling_params)
+            if entry is not None and not self._announced_before(entry):
+                return False
         if lora.lora_int_id in self._admitted:
             return True
         if len(self._admitted) >= self.cap:
@@ -86,10 +87,7 @@ class PrefillAdmission:
 
     def _announced_before(self, entry: Any) -> bool:
         """Whether the workers were told about the adapter in an earlier step;
-        announces it in this one if not (unless this step announced its maximum, or
-        read-ahead is off)."""
-        if not self.read_ahead:
-            return True
+        announces it in this one if not (unless this step announced its maximum)."""
         step = self._announced.get(entry.content_hash)
         if step is not None:
             return step < self._step
