@@ -293,6 +293,11 @@ Samples (first held-out messages) are in `results.json`. Rebuild everything with
 prefix in every request (prefix caching on), is measured by `benchmarks/prompt_vs_iapt.py`
 ([results](../../benchmarks/results/prompt_vs_iapt.md)); IAPT against multi-LoRA on this
 model by `benchmarks/serve_bench.py --size smollm2` ([results](../../benchmarks/results/smollm2/serve_bench.md)).
+
+**Against other adapters.** The same tenants trained as LoRA, prompt tuning and prefix
+tuning with the same data, steps and seed, at matched trainable parameters, judged the
+same way and served side by side: `benchmarks/adapter_quality.py`
+([results](../../benchmarks/results/adapter_quality.md)).
 """)
 
 
