@@ -27,7 +27,7 @@ from vllm_iapt.serving.process import ServerProcess
 from vllm_iapt.toy import random_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from soak.servers import group_pids, rss_kib  # noqa: E402
+from soak.servers import group_pids, proc_name, rss_kib  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
@@ -45,10 +45,11 @@ class Tenants:
         return sum(f.stat().st_size for d in self.snapshots.iterdir() if d.is_dir() for f in d.iterdir())
 
     def resources(self) -> dict[str, int]:
-        """Anonymous memory (KiB) and open files of every process of the server."""
+        """Anonymous memory (KiB) of each process of the server, by name, and their open files."""
         pids = group_pids(self.proc.proc.pid)
-        return {"anon_kib": sum((rss_kib(p) or (0, 0))[1] for p in pids),
-                "fds": sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids if os.path.isdir(f"/proc/{p}/fd"))}
+        out = {f"anon_kib {proc_name(p)}": (rss_kib(p) or (0, 0))[1] for p in pids}
+        out["fds"] = sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids if os.path.isdir(f"/proc/{p}/fd"))
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,14 @@ def test_hundreds_of_tenants_through_small_caches(tenants, reference):
     after = tenants.resources()
     # Flat after warm-up: every cache was full by then (the CPU cache holds 48 of 256).
     assert after["fds"] <= before["fds"] + 8, (before, after)
-    assert after["anon_kib"] - before["anon_kib"] < 64 << 10, (before, after)
+    # MiB each process grew by. The API server and the engine core (registry, snapshots,
+    # scheduler entries) must stay flat. vLLM's CPU worker grows without IAPT too (by
+    # about 40% over its first ~4,000 requests,
+    # benchmarks/results/soak_control_default_onednn_cache.md), here by
+    # 46-70 MiB, so it gets a looser bound; the soak benchmark judges its long run.
+    growth = {k.removeprefix("anon_kib "): (after.get(k, 0) - v) >> 10 for k, v in before.items() if k.startswith("anon_kib")}
+    assert all(growth[k] < 16 for k in ("api-server", "EngineCore")), (growth, before, after)
+    assert growth["Worker"] < 160, (growth, before, after)
     log = tenants.proc.log_path.read_text(errors="replace")
     assert log.count("unregistered to make room") > 200  # the registry of 64 names churned
     # The snapshot directory (96 of 256) was full and made room from idle snapshots.
