@@ -93,7 +93,18 @@ def pytest_xdist_make_scheduler(config, log):
     return LongestFileFirst(config, log)
 
 
-def pytest_collection_modifyitems(items):
+#: ``IAPT_TEST_PHASE`` (set by scripts/test.sh): ``all_cores`` runs only the tests marked
+#: ``all_cores``, ``shared`` every other test; unset, every test runs.
+PHASES = ("all_cores", "shared")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "all_cores: its ranks spin-wait on every core (tensor and pipeline parallel); scripts/test.sh "
+                   "runs these alone, before the other tests, which share the cores among the xdist workers")
+
+
+def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: order within a file kept
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
@@ -101,6 +112,15 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.engine)
         if names & SERVER_FIXTURES:
             item.add_marker(pytest.mark.server)
+    phase = os.environ.get("IAPT_TEST_PHASE")
+    if not phase:
+        return
+    if phase not in PHASES:
+        raise pytest.UsageError(f"IAPT_TEST_PHASE={phase!r}: expected one of {', '.join(PHASES)} or unset")
+    keep = [item for item in items if (item.get_closest_marker("all_cores") is not None) == (phase == "all_cores")]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
 
 
 @pytest.fixture(autouse=True, scope="module")

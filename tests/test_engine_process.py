@@ -256,6 +256,7 @@ def test_worker_refuses_a_runner_that_does_not_publish_plans(tmp_path, tiny_mode
     assert "vllm.v1.worker.cpu.model_runner.CPUModelRunner) does not publish IAPT plans" in result["startup_error"]
 
 
+@pytest.mark.all_cores
 def test_tensor_parallel(tmp_path, tiny_model_dir, adapter_factory, reference):
     """tensor_parallel_size=2 (two CPU workers): every rank builds the same plan
     from its own copy of the batch and writes the same soft rows. An adapter that

@@ -165,6 +165,7 @@ def test_data_parallel_serves_every_adapter_from_every_engine(tiny_model_dir, ad
 # -- pipeline parallel -----------------------------------------------------------------
 
 
+@pytest.mark.all_cores
 def test_pipeline_parallel_stages_write_their_own_layers(tiny_model_dir, adapter_factory, tmp_path, reference):
     """`--pipeline-parallel-size 2`, compiled (eager PP fails in vLLM 0.32's CPU build
     for the base model too): layer 0 on the first stage, layer 1 on the second.
