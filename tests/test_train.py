@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm_iapt.adapter import load_adapter
 from vllm_iapt.reference import IAPTForCausalLM
 from vllm_iapt.train import TrainConfig, train
-from vllm_iapt.train.trainer import evaluate_loss
+from vllm_iapt.train.trainer import build_model, evaluate_loss, parameter_groups
 
 LETTERS = "abcdefgh"
 
@@ -56,6 +56,21 @@ def test_training_beats_the_base_model(tiny_model_dir, data, tmp_path):
     # The saved adapter is in the format of docs/iapt.md, section 6, and loads with validation.
     a = load_adapter(tmp_path / "ad", hidden_size=128, num_hidden_layers=2)
     assert a.config.bottleneck_dim == 32 and a.config.activation == "rational"
+
+
+def test_defaults_start_at_the_sink_and_share_one_learning_rate(tiny_model_dir, data, tmp_path):
+    """The defaults (docs/iapt.md section 8): first-token initialisation, and the
+    rational coefficients at the learning rate unless given their own."""
+    cfg = config(tiny_model_dir, data, tmp_path / "ad")
+    assert cfg.init == "first_token" and cfg.rational_learning_rate is None
+    model = build_model(cfg)
+    rates = sorted(g["lr"] for g in parameter_groups(model, cfg))
+    assert rates == [cfg.learning_rate] * 2
+    own = cfg.model_copy(update={"rational_learning_rate": 1e-2})
+    groups = parameter_groups(model, own)
+    assert [g["lr"] for g in groups] == [cfg.learning_rate, 1e-2]
+    assert sum(p.numel() for p in groups[1]["params"]) == sum(
+        g.numerator.numel() + g.denominator.numel() for g in model.generators.values())
 
 
 def test_resume_continues_from_checkpoint(tiny_model_dir, data, tmp_path, monkeypatch):

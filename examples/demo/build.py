@@ -115,7 +115,9 @@ def main() -> None:
                 eval_data=str(HERE / "data" / f"{task}.eval.jsonl"), output_dir=str(out), seed=SEED,
                 num_soft_tokens=hp["num_soft_tokens"], bottleneck_dim=hp["bottleneck_dim"],
                 learning_rate=hp["learning_rate"], num_epochs=hp["num_epochs"],
-                batch_size=hp["batch_size"], eval_steps=500, save_steps=100_000, logging_steps=100))
+                batch_size=hp["batch_size"], eval_steps=500, save_steps=100_000, logging_steps=100,
+                # The trainer's defaults when these adapters were trained (they changed since).
+                init="random", rational_learning_rate=1e-2))
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             (out / "train_metrics.json").unlink(missing_ok=True)
         tuned = IAPTForCausalLM.from_pretrained(base, out)

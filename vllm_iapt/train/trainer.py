@@ -47,7 +47,9 @@ class TrainConfig(BaseModel):
     activation: Activation = Field("rational", description="generator activation")
     layers: list[int] | None = Field(None, description="layers with a generator (default all; must contain 0)")
     learning_rate: float = Field(1e-3, gt=0)
-    rational_learning_rate: float = Field(1e-2, gt=0, description="learning rate of the rational coefficients")
+    rational_learning_rate: float | None = Field(
+        None, gt=0, description="learning rate of the rational coefficients (default: learning_rate; a fixed 1e-2 "
+        "diverged at bottleneck 256 on SmolLM2-135M, benchmarks/results/adapter_quality.md)")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     num_epochs: float = Field(3.0, gt=0)
@@ -61,10 +63,10 @@ class TrainConfig(BaseModel):
     save_steps: int = Field(100, ge=1)
     logging_steps: int = Field(10, ge=1)
     init: Literal["random", "first_token"] = Field(
-        "random", description="generator initialisation: random (up.bias zero) or first_token (each layer's "
-        "up.bias = the hidden state entering that layer at the first instruction token, so the soft rows start "
-        "as copies of the sequence's first row; advisable on a pretrained model, whose first row acts as an "
-        "attention sink)")
+        "first_token", description="generator initialisation: first_token (each layer's up.bias = the hidden "
+        "state entering that layer at the first instruction token, so the soft rows start as copies of the "
+        "sequence's first row, the attention sink of a pretrained model: training starts at the base model) "
+        "or random (up.bias zero: the model starts worse than the base model; docs/iapt.md section 8)")
     seed: int = 0
     resume: bool = Field(False, description="resume from the last checkpoint in output_dir/checkpoints")
     progress: bool = Field(True, description="show a progress bar")
@@ -133,6 +135,17 @@ def init_from_first_token(model: IAPTForCausalLM, instructions: list[list[int]])
         g.up.bias.copy_(h.to(g.up.bias.dtype))
 
 
+def parameter_groups(model: IAPTForCausalLM, cfg: TrainConfig) -> list[dict]:
+    """The generators' parameters at ``learning_rate``; the rational activation's
+    coefficients, without weight decay, at ``rational_learning_rate`` (default: the same)."""
+    rational = [p for n, p in model.generators.named_parameters() if n.endswith(("numerator", "denominator"))]
+    others = [p for n, p in model.generators.named_parameters() if not n.endswith(("numerator", "denominator"))]
+    groups = [{"params": others, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}]
+    if rational:
+        groups.append({"params": rational, "lr": cfg.rational_learning_rate or cfg.learning_rate, "weight_decay": 0.0})
+    return groups
+
+
 def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
     """The ``transformers.Trainer`` settings of :func:`train`: also the PEFT baselines'
     in ``benchmarks/adapter_quality.py``, so that every method trains on one schedule."""
@@ -177,12 +190,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if cfg.init == "first_token" and not cfg.resume:
         init_from_first_token(model, [e.instruction_ids for e in train_ex[:16]])
 
-    rational = [p for n, p in model.generators.named_parameters() if n.endswith(("numerator", "denominator"))]
-    others = [p for n, p in model.generators.named_parameters() if not n.endswith(("numerator", "denominator"))]
-    groups = [{"params": others, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}]
-    if rational:
-        groups.append({"params": rational, "lr": cfg.rational_learning_rate, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg))
 
     ckpt_dir = Path(cfg.output_dir) / "checkpoints"
     has_eval = len(eval_ex) > 0
