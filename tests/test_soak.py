@@ -136,15 +136,16 @@ def test_process_memory_of_a_process_group():
 @pytest.mark.timeout(1200)
 def test_quick_soak_meets_targets(tmp_path):
     out = tmp_path / "soak"
-    # 300 requests (--quick's default is 500): the faults are spread over the requests,
-    # so every one of them still runs, with less traffic between them.
-    proc = subprocess.run([sys.executable, "benchmarks/soak.py", "--quick", "--requests", "300", "--out", str(out),
+    # 150 requests (--quick's default is 500): the faults are spread over the requests,
+    # so every one of them still runs, with less traffic between them (measured: 46
+    # malformed loads, 10 file changes, 3 churns, the canary; 95 s on one core).
+    proc = subprocess.run([sys.executable, "benchmarks/soak.py", "--quick", "--requests", "150", "--out", str(out),
                            "--work-dir", str(tmp_path / "work")], cwd=ROOT,
                           capture_output=True, text=True, timeout=1100)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     rep = json.loads((out / "soak.json").read_text())
     req = rep["requests"]
-    assert req["sent"] >= 200 and req["correct"] >= 0.7 * req["sent"], req
+    assert req["sent"] >= 140 and req["correct"] >= 0.7 * req["sent"], req
     assert rep["malformed_kinds"] >= 20
     assert rep["faults"]["malformed_load"]["injected"] >= 20
     assert rep["faults"].get("file_change", {}).get("injected", 0) >= 5
