@@ -784,7 +784,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=-1, help="> 0: train this many steps instead of the epochs (timing)")
     ap.add_argument("--stages", nargs="+", default=["train", "eval", "cost", "report"],
                     choices=["train", "eval", "cost", "report"])
-    ap.add_argument("--force", action="store_true", help="train, evaluate and measure the selected runs again")
+    ap.add_argument("--force", action="store_true", help="redo the selected stages for the selected runs (training only with the train stage)")
     ap.add_argument("--reuse-committed", action="store_true",
                     help="evaluate the committed tenants as the IAPT r=64 runs instead of training them here (their "
                     "training time is then the one logged by build.py, on another day's machine load)")
@@ -851,7 +851,8 @@ def main() -> None:
     if "train" in args.stages or "eval" in args.stages:
         todo = [r for r in runs if not done(r.id)]
         for run in tqdm(todo, desc="training runs", disable=not todo):
-            records[run.id] = train_run(run, setup, work, args.force, reuse)
+            # --force retrains only with the train stage: `--stages eval --force` evaluates again.
+            records[run.id] = train_run(run, setup, work, args.force and "train" in args.stages, reuse)
 
     # 2 + 3. evaluate and measure, one engine per serving path, started only if needed
     cost_path = runs_dir / "cost.json"
