@@ -75,10 +75,9 @@ from tasks import TENANTS, student_messages  # noqa: E402
 METHODS = ("iapt", "lora", "prompt", "prefix")
 METHOD_NAMES = {"iapt": "IAPT", "lora": "LoRA", "prompt": "prompt tuning", "prefix": "prefix tuning (P-tuning v2)"}
 SIZE_LETTER = {"iapt": "r", "lora": "r", "prompt": "n", "prefix": "n"}
-#: Each method's usual AdamW learning rate (IAPT: the tenants' own). No sweep: a method
-#: that would do better at another rate is reported as it is, with its rate.
-#: IAPT at the trainer's defaults (lr 1e-3, rational coefficients at the same rate): the
-#: committed tenants' lr 3e-3 made training chaotic (examples/smollm2/MODEL_CARD.md).
+#: Each method's usual AdamW learning rate, not swept, except IAPT's: the trainer's
+#: defaults (lr 1e-3, rational coefficients at the same rate), chosen on these tenants
+#: when the committed tenants' lr 3e-3 lost on triage (results' notes, the model card).
 LEARNING_RATES = {"iapt": 1e-3, "lora": 1e-3, "prompt": 3e-2, "prefix": 1e-2}
 #: Sizes per method: an int, or "match" = closest to IAPT's parameters at the reference bottleneck.
 GRID = {"iapt": ["64", "256"], "lora": ["match", "2"], "prompt": ["4", "32"], "prefix": ["match"]}
@@ -787,7 +786,8 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="redo the selected stages for the selected runs (training only with the train stage)")
     ap.add_argument("--reuse-committed", action="store_true",
                     help="evaluate the committed tenants as the IAPT r=64 runs instead of training them here (their "
-                    "training time is then the one logged by build.py, on another day's machine load)")
+                    "training time is then the one logged by build.py, on another day's machine load); refused unless this "
+                    "run's IAPT settings are build.py's")
     ap.add_argument("--eval-limit", type=int, default=None, help="held-out messages per tenant (default all 40; --quick 3)")
     ap.add_argument("--check-prompts", type=int, default=None, help="messages checked against PEFT (default 4; --quick 2)")
     ap.add_argument("--cost-requests", type=int, default=None, help="requests per cost batch (default 32; --quick 4)")
@@ -823,6 +823,11 @@ def main() -> None:
         f"{m} {sizes[m]} ({', '.join(f'{param_count(m, s, geo):,}' for s in sizes[m])} params)" for m in args.methods)
         + f"; IAPT reference r={ref}: {param_count('iapt', ref, geo):,}")
     reuse = args.reuse_committed
+    if reuse and not setup.real:
+        raise SystemExit("--reuse-committed: the committed tenants were trained with build.py's settings (IAPT lr "
+                         f"{build.TRAIN['learning_rate']}, rational coefficients at "
+                         f"{build.TRAIN.get('rational_learning_rate')}); this run trains IAPT otherwise "
+                         "(see LEARNING_RATES, --lr, --quick, --max-steps)")
 
     def result_path(run_id: str) -> Path:
         return runs_dir / f"{run_id}.json"

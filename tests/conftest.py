@@ -116,9 +116,11 @@ def pytest_collection_modifyitems(config, items):
         return
     if phase not in PHASES:
         raise pytest.UsageError(f"IAPT_TEST_PHASE={phase!r}: expected one of {', '.join(PHASES)} or unset")
-    keep = [item for item in items if (item.get_closest_marker("all_cores") is not None) == (phase == "all_cores")]
-    if len(keep) < len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    keep, drop = [], []
+    for item in items:
+        (keep if (item.get_closest_marker("all_cores") is not None) == (phase == "all_cores") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
         items[:] = keep
 
 

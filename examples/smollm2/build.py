@@ -269,11 +269,7 @@ The same data, steps and seed; the same held-out messages:
 |---|---|---|---|---|---|
 {lines}
 
-The retrained tenants were not better (lower on word F1 for three of four, on rule for two;
-held-out loss lower only for `caps`), so the committed adapters stay and `TRAIN` in
-`build.py` keeps their settings. Differences of this size are within what one setting
-gives from run to run: the same json run at lr 1e-3 ended at held-out loss 0.447 on one
-core and 0.490 on two (another summation order), and triage at 3e-3 at 0.32 and 0.44.
+{trial['conclusion']}
 """
     (HERE / "MODEL_CARD.md").write_text(f"""# SmolLM2-135M-Instruct tenants: long system prompts compressed into IAPT adapters
 
